@@ -1,0 +1,1 @@
+"""Shared helpers: image preprocessing, safe unpickling, and (later) logging, checkpoints, distributed glue."""

@@ -1,0 +1,78 @@
+"""The one image preprocessing shared by training, evaluation, export and inference.
+
+Convention (arcface_torch parity): RGB, 112x112, CHW float32, `(x / 255 - 0.5) / 0.5`.
+OpenCV decodes to BGR, so every decode here converts to RGB.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+INPUT_SIZE = 112
+
+# The five-point ArcFace template for a 112x112 crop: left eye, right eye, nose, left and right mouth corner.
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+# uint8 -> normalised float32 through a table: one gather instead of three array passes, same float32 values
+# as torchvision's ToTensor + Normalize(0.5, 0.5).
+_NORMALISE_LUT = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.float32(0.5)) / np.float32(0.5)
+
+
+def decode_rgb(buf: bytes | np.ndarray) -> np.ndarray:
+    """Decode an encoded image (JPEG/PNG bytes) to HxWx3 uint8 RGB. Raises ValueError if it cannot be decoded."""
+    arr = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) else buf
+    img = cv2.imdecode(arr, cv2.IMREAD_COLOR) if arr.size else None
+    if img is None:
+        raise ValueError("cannot decode image payload")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def preprocess(img_rgb: np.ndarray, flip: bool = False) -> np.ndarray:
+    """HxWx3 uint8 RGB -> 3xHxW float32 normalised to [-1, 1]; `flip` mirrors left-right."""
+    if img_rgb.dtype != np.uint8 or img_rgb.ndim != 3 or img_rgb.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 image, got {img_rgb.dtype} {img_rgb.shape}")
+    if flip:
+        img_rgb = img_rgb[:, ::-1]
+    return _NORMALISE_LUT[img_rgb.transpose(2, 0, 1)]
+
+
+def preprocess_batch(imgs_rgb: np.ndarray, flip: bool = False) -> np.ndarray:
+    """NxHxWx3 uint8 RGB -> Nx3xHxW float32, same values as `preprocess` on each image."""
+    if imgs_rgb.dtype != np.uint8 or imgs_rgb.ndim != 4 or imgs_rgb.shape[3] != 3:
+        raise ValueError(f"expected an NxHxWx3 uint8 batch, got {imgs_rgb.dtype} {imgs_rgb.shape}")
+    if flip:
+        imgs_rgb = imgs_rgb[:, :, ::-1]
+    return _NORMALISE_LUT[imgs_rgb.transpose(0, 3, 1, 2)]
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src points onto dst (Umeyama 1991).
+
+    Returns the 2x3 matrix for `cv2.warpAffine`. Deterministic, unlike RANSAC-based estimators.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.T @ src_c / len(src)
+    u, s, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[-1] = -1
+    rot = u @ np.diag(d) @ vt
+    scale = (s * d).sum() / src_c.var(0).sum()
+    matrix = np.empty((2, 3))
+    matrix[:, :2] = scale * rot
+    matrix[:, 2] = dst_mean - scale * rot @ src_mean
+    return matrix
+
+
+def norm_crop(img: np.ndarray, landmarks: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """Align a face to the ArcFace template from its 5 landmarks (x, y in image pixels) -> size x size crop."""
+    landmarks = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    matrix = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / INPUT_SIZE))
+    return cv2.warpAffine(img, matrix, (size, size), borderValue=0.0)
