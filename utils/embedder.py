@@ -1,0 +1,281 @@
+"""One way to turn aligned face crops into embeddings, whatever runs the network.
+
+Three backends share the same preprocessing (`utils.image.preprocess_batch`), batching and input checks, so the
+dynamic-graph model, the exported Paddle Inference model and the ONNX model can be swapped without the numbers
+drifting apart: `DygraphEmbedder` (network + .pdparams), `PaddleInferenceEmbedder` (model.json + model.pdiparams
+from `tools/export.py`), `OnnxEmbedder` (model.onnx). `load_embedder` picks one from a path; `add_model_args` /
+`embedder_from_args` give every tool the same command-line options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils.image import INPUT_SIZE, preprocess_batch
+
+META_NAME = "meta.json"
+PADDLE_MODEL = "model.json"
+PADDLE_PARAMS = "model.pdiparams"
+ONNX_MODEL = "model.onnx"
+PREPROCESSING = "RGB, 112x112 crop aligned to the ArcFace 5-point template, (x/255 - 0.5)/0.5, NCHW float32"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Checksum of a weights file, recorded in export metadata so an exported model names its source."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_backbone(network: str, weights: str | Path, width: float = 1.0, embedding_size: int = 512):
+    """Build `backbones.get_model(network)` and load `weights` (.pdparams) through the restricted unpickler.
+
+    Fails with the missing / unexpected / mis-shaped keys instead of loading a partial model.
+    """
+    import backbones
+    from utils.safe_pickle import load_paddle_state
+
+    model = backbones.get_model(network, num_features=embedding_size, width=width)
+    state = load_paddle_state(weights)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k} {tuple(np.shape(state[k]))} != {expected[k]}"
+                   for k in sorted(set(expected) & set(state)) if tuple(np.shape(state[k])) != expected[k]]
+    if missing or unexpected or wrong_shape:
+        def few(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" ... (+{len(items) - 5})" if len(items) > 5 else "")
+
+        problems = [f"{name}: {few(items)}" for name, items in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if items]
+        raise ValueError(f"{weights}: not a {network} (width {width}, embedding {embedding_size}) state dict -- "
+                         + "; ".join(problems))
+    model.set_state_dict(state)
+    model.eval()
+    return model
+
+
+class Embedder:
+    """Batch embedding of aligned RGB crops. Subclasses implement `_run` on one preprocessed NCHW batch.
+
+    `fixed_batch` is the batch size an exported model was frozen to (None = any): `embed` pads the last chunk
+    to it, and `forward` refuses any other batch with a clear error.
+    """
+
+    backend = "?"
+
+    def __init__(self, embedding_size: int, fixed_batch: int | None = None, meta: dict[str, Any] | None = None):
+        self.embedding_size = embedding_size
+        self.fixed_batch = fixed_batch
+        self.meta = meta or {}
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed Nx3x112x112 float32 -> NxD float32 embeddings (not normalised)."""
+        expected = (3, INPUT_SIZE, INPUT_SIZE)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValueError(f"{self.backend} model expects input [N, 3, {INPUT_SIZE}, {INPUT_SIZE}], "
+                             f"got {list(batch.shape)}")
+        if self.fixed_batch is not None and batch.shape[0] != self.fixed_batch:
+            raise ValueError(f"{self.backend} model was exported for a fixed batch of {self.fixed_batch}, "
+                             f"got a batch of {batch.shape[0]} (export with --batch-size dynamic)")
+        out = np.asarray(self._run(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
+        if out.shape != (batch.shape[0], self.embedding_size):
+            raise ValueError(f"{self.backend} model returned {list(out.shape)}, "
+                             f"expected [{batch.shape[0]}, {self.embedding_size}]")
+        return out
+
+    def embed(self, images: np.ndarray, batch_size: int = 64, flip: bool = False) -> np.ndarray:
+        """NxHxWx3 uint8 RGB aligned crops -> NxD float32 embeddings.
+
+        `flip=True` adds the embedding of the mirrored image (the verification protocol's flip test).
+        """
+        if images.ndim != 4 or images.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"expected aligned {INPUT_SIZE}x{INPUT_SIZE} RGB crops, got images of shape "
+                             f"{list(images.shape)} (align full images with their 5 landmarks first)")
+        step = self.fixed_batch or batch_size
+        out = np.empty((len(images), self.embedding_size), dtype=np.float32)
+        for start in range(0, len(images), step):
+            chunk = images[start:start + step]
+            n = len(chunk)
+            if self.fixed_batch is not None and n < step:  # pad the tail to the frozen batch size
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
+            emb = self.forward(preprocess_batch(chunk))
+            if flip:
+                emb = emb + self.forward(preprocess_batch(chunk, flip=True))
+            out[start:start + n] = emb[:n]
+        return out
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class DygraphEmbedder(Embedder):
+    """A Paddle `nn.Layer` in eval mode (no export needed; the reference the exported models are checked against)."""
+
+    backend = "dygraph"
+
+    def __init__(self, model, embedding_size: int, meta: dict[str, Any] | None = None):
+        super().__init__(embedding_size, None, meta)
+        self.model = model
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        import paddle
+
+        with paddle.no_grad():
+            return self.model(paddle.to_tensor(batch)).numpy()
+
+
+class PaddleInferenceEmbedder(Embedder):
+    """`paddle.inference` predictor on an exported model.json/model.pdiparams (oneDNN on by default)."""
+
+    backend = "paddle"
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, onednn: bool = True):
+        from paddle import inference
+
+        model_dir = Path(model_dir)
+        meta = read_meta(model_dir)
+        config = inference.Config(str(model_dir / PADDLE_MODEL), str(model_dir / PADDLE_PARAMS))
+        config.disable_glog_info()
+        if onednn:
+            config.enable_onednn()
+        else:
+            config.disable_onednn()
+        config.set_cpu_math_library_num_threads(threads or default_threads())
+        self.predictor = inference.create_predictor(config)
+        self._input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        self._output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        super().__init__(int(meta["embedding_size"]), meta.get("batch_size"), meta)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        self._input.reshape(list(batch.shape))
+        self._input.copy_from_cpu(batch)
+        self.predictor.run()
+        return self._output.copy_to_cpu()
+
+
+class OnnxEmbedder(Embedder):
+    """ONNX Runtime (CPU provider) on an exported model.onnx; shapes are read from the graph itself."""
+
+    backend = "onnx"
+
+    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self._input_name = inp.name
+        batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        dim = out.shape[-1]
+        if not isinstance(dim, int):
+            raise ValueError(f"{onnx_path}: output embedding size is not fixed in the graph ({out.shape})")
+        meta_path = Path(onnx_path).with_name(META_NAME)
+        super().__init__(dim, batch, read_meta(meta_path.parent) if meta_path.is_file() else {})
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input_name: batch})[0]
+
+
+# Read before anything imports paddle, which sets OMP_NUM_THREADS=1 when it is unset.
+_USER_THREADS = os.environ.get("OMP_NUM_THREADS")
+
+
+def default_threads() -> int:
+    """Threads for an inference backend: OMP_NUM_THREADS as the user set it, else all cores."""
+    return int(_USER_THREADS or os.cpu_count() or 1)
+
+
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    """The meta.json `tools/export.py` writes beside an exported model."""
+    path = Path(model_dir) / META_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; export the model with tools/export.py") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "embedding_size" not in meta:
+        raise ValueError(f"{path}: no 'embedding_size' entry; not written by tools/export.py")
+    return meta
+
+
+def load_embedder(model: str | Path | None = None, *, network: str | None = None, weights: str | Path | None = None,
+                  width: float = 1.0, embedding_size: int = 512, backend: str = "auto", threads: int | None = None,
+                  onednn: bool = True) -> Embedder:
+    """An exported model (directory, model.json or model.onnx) or `network` + `weights` (.pdparams, dygraph).
+
+    For a directory holding both formats, `backend="auto"` picks Paddle Inference; `"onnx"` the ONNX file.
+    """
+    if weights is not None:
+        if network is None:
+            raise ValueError("--weights needs --network (e.g. --network r50)")
+        net = load_backbone(network, weights, width, embedding_size)
+        meta = {"network": network, "width": width, "embedding_size": embedding_size,
+                "source": {"file": Path(weights).name, "sha256": file_sha256(weights)}}
+        return DygraphEmbedder(net, embedding_size, meta)
+    if model is None:
+        raise ValueError("give an exported model (--model DIR) or --network with --weights")
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model")
+    if path.is_dir():
+        has_paddle, has_onnx = (path / PADDLE_MODEL).is_file(), (path / ONNX_MODEL).is_file()
+        if backend == "onnx" or (backend == "auto" and has_onnx and not has_paddle):
+            if not has_onnx:
+                raise FileNotFoundError(f"{path / ONNX_MODEL}: missing (export with --format onnx or both)")
+            return OnnxEmbedder(path / ONNX_MODEL, threads)
+        if not has_paddle:
+            raise FileNotFoundError(f"{path / PADDLE_MODEL}: missing (export with --format paddle or both)")
+        return PaddleInferenceEmbedder(path, threads, onednn)
+    if path.suffix == ".onnx":
+        return OnnxEmbedder(path, threads)
+    if path.name == PADDLE_MODEL:
+        return PaddleInferenceEmbedder(path.parent, threads, onednn)
+    raise ValueError(f"{path}: not an exported model (a directory, model.json or .onnx); "
+                     "for a .pdparams use --network and --weights")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model options every runner shares (inference, gallery, recognize)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="exported model: a tools/export.py directory, its model.json or model.onnx")
+    group.add_argument("--weights", help="a .pdparams backbone state dict (dygraph; needs --network)")
+    group.add_argument("--network", help="backbone name for --weights (r18, r34, r50, r100, r200, mbf, mbf_large)")
+    group.add_argument("--width", type=float, default=1.0, help="channel-width multiplier for --weights")
+    group.add_argument("--embedding-size", type=int, default=512, help="embedding size for --weights")
+    group.add_argument("--backend", choices=["auto", "paddle", "onnx"], default="auto",
+                       help="which file of an export directory to run (auto: Paddle Inference if present)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: OMP_NUM_THREADS or all)")
+    group.add_argument("--no-onednn", action="store_true", help="run Paddle Inference without oneDNN")
+    group.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    group.add_argument("--flip", action="store_true", help="add the embedding of the mirrored crop")
+
+
+def embedder_from_args(args: argparse.Namespace) -> Embedder:
+    """`load_embedder` from the options `add_model_args` declared."""
+    if (args.model is None) == (args.weights is None):
+        raise ValueError("give exactly one of --model (exported) or --weights (with --network)")
+    # dygraph reads its thread count when paddle is imported (on first use, below)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or default_threads()))
+    return load_embedder(args.model, network=args.network, weights=args.weights, width=args.width,
+                         embedding_size=args.embedding_size, backend=args.backend, threads=args.threads,
+                         onednn=not args.no_onednn)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity becomes a dot product)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
