@@ -1,0 +1,32 @@
+"""`python -m backbones --summary [--width W] [--networks r50,mbf]`: parameters and GMACs at 112x112."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+from . import NETWORKS
+from .summary import summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m backbones", description=__doc__)
+    parser.add_argument("--summary", action="store_true", help="print parameters and multiply-adds per backbone")
+    parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated subset")
+    parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier")
+    args = parser.parse_args(argv)
+    if not args.summary:
+        parser.error("nothing to do: pass --summary")
+    networks = tuple(n for n in args.networks.split(",") if n)
+    unknown = [n for n in networks if n not in NETWORKS]
+    if unknown:
+        parser.error(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(NETWORKS)}")
+    print(f"{'network':<10}{'width':>6}{'params':>14}{'GMACs@112':>11}")
+    for row in summary(networks, args.width):
+        print(f"{row['network']:<10}{row['width']:>6.2f}{row['params']:>14,}{row['gmacs']:>11.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Building blocks shared by the backbones: channel scaling and arcface_torch's weight initialisers.
+
+arcface_torch initialises its layers in ways Paddle's defaults do not (PyTorch's Linear default, Kaiming
+with fan_out); training from scratch should start from the same distributions, so they are spelled out here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import paddle
+from paddle import nn
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """`channels * width` rounded to a multiple of 8 (at least 8); width 1.0 is exact.
+
+    Multiples of 8 keep grouped convolutions valid at any width (every group count divides its channels).
+    """
+    if width == 1.0:
+        return channels
+    return max(8, round(channels * width / 8) * 8)
+
+
+def normal_attr(std: float) -> paddle.ParamAttr:
+    return paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, std))
+
+
+def kaiming_fan_out_attr(fan_out: int) -> paddle.ParamAttr:
+    """torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / fan_out)."""
+    return normal_attr(math.sqrt(2.0 / fan_out))
+
+
+def torch_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """nn.Linear initialised like torch.nn.Linear: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias."""
+    bound = 1.0 / math.sqrt(in_features)
+    uniform = paddle.ParamAttr(initializer=nn.initializer.Uniform(-bound, bound))
+    bias_attr = paddle.ParamAttr(initializer=nn.initializer.Uniform(-bound, bound)) if bias else False
+    return nn.Linear(in_features, out_features, weight_attr=uniform, bias_attr=bias_attr)
+
+
+class _TorchRunningVar:
+    """Running variance updated with the unbiased batch variance, as PyTorch does (Paddle uses the biased one).
+
+    Matters for `features` (BatchNorm1d over the batch only: n = batch size, a 1/(n-1) effect on every
+    embedding); the correction is a few ops on a C-vector per layer.
+    """
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if not self.training:
+            return super().forward(x)
+        previous = self._variance.detach().clone()
+        # F.batch_norm directly: super().forward would warn on every training call
+        out = nn.functional.batch_norm(x, self._mean, self._variance, self.weight, self.bias, training=True,
+                                       momentum=self._momentum, epsilon=self._epsilon, data_format=self._data_format)
+        n = x.size // x.shape[1]
+        with paddle.no_grad():
+            keep = self._momentum
+            self._variance.set_value(keep * previous + (self._variance - keep * previous) * (n / max(n - 1, 1)))
+        return out
+
+
+class BatchNorm2D(_TorchRunningVar, nn.BatchNorm2D):
+    pass
+
+
+class BatchNorm1D(_TorchRunningVar, nn.BatchNorm1D):
+    pass
+
+
+def batch_norm_2d(channels: int) -> BatchNorm2D:
+    """BatchNorm2d with PyTorch's conventions (eps 1e-5, momentum 0.1 == Paddle momentum 0.9, unbiased var)."""
+    return BatchNorm2D(channels, momentum=0.9, epsilon=1e-5)
+
+
+def batch_norm_1d(features: int, frozen_weight: bool = False) -> BatchNorm1D:
+    """BatchNorm1d with PyTorch's conventions; `frozen_weight` pins gamma at 1.0 (iresnet's `features` layer)."""
+    weight = paddle.ParamAttr(initializer=nn.initializer.Constant(1.0), trainable=not frozen_weight)
+    return BatchNorm1D(features, momentum=0.9, epsilon=1e-5, weight_attr=weight)
+
+
+class PReLU(nn.Layer):
+    """Per-channel PReLU (init 0.25) whose parameter is called `weight`, as in torch (Paddle's is `_weight`).
+
+    F.prelu is Paddle's fused kernel: measured faster than relu(x) - a*relu(-x), where() or maximum/minimum forms.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = self.create_parameter([channels], default_initializer=nn.initializer.Constant(0.25))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return nn.functional.prelu(x, self.weight)

@@ -1,0 +1,137 @@
+"""Backbones: arcface_torch's exact state_dict layout and parameter counts, shapes, conventions, bad arguments."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+from backbones import NETWORKS, get_model
+from backbones.layers import batch_norm_1d, batch_norm_2d, scaled_channels
+from backbones.summary import count_macs, count_parameters
+from paddle_pretrainedmodel.convert_torch import convert_state_dict, paddle_name
+from tests.conftest import SHARED
+
+REFERENCE = SHARED / "reference" / "arcface_torch_state_dicts.json"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    if not REFERENCE.is_file():
+        pytest.skip("../shared/reference is not beside the project")
+    return json.loads(REFERENCE.read_text())["models"]
+
+
+def lazy_model(name: str) -> paddle.nn.Layer:
+    with paddle.LazyGuard():  # shapes without allocating r200's 119M parameters
+        return get_model(name)
+
+
+def test_every_reference_network_is_built() -> None:
+    assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large"}
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_parameter_count_equals_arcface_torch(name: str, reference: dict) -> None:
+    assert count_parameters(lazy_model(name)) == reference[name]["params"]
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_state_dict_maps_one_to_one_onto_arcface_torch(name: str, reference: dict) -> None:
+    entries = reference[name]["state_dict"]
+    model_keys = {k: tuple(v.shape) for k, v in lazy_model(name).state_dict().items()}
+    expected = {paddle_name(key): tuple(shape) for key, shape, _ in entries if paddle_name(key) is not None}
+    transposed = {k for k, shape in expected.items() if len(shape) == 2}  # the Linear weights
+    assert set(model_keys) == set(expected)
+    for key, shape in expected.items():
+        assert model_keys[key] == (shape[::-1] if key in transposed else shape), key
+    # and the converter accepts exactly this layout (zero-filled: calloc'ed pages, nothing touched)
+    torch_like = {key: np.zeros(shape, np.float32) for key, shape, _ in entries}
+    converted = convert_state_dict(torch_like, name)
+    assert {k: v.shape for k, v in converted.items()} == model_keys
+
+
+@pytest.mark.parametrize(("name", "width", "features"), [("mbf", 0.25, 128), ("mbf_large", 0.25, 512),
+                                                         ("r18", 0.25, 64), ("r50", 0.125, 512)])
+def test_forward_shape_train_and_eval(name: str, width: float, features: int) -> None:
+    paddle.seed(0)
+    model = get_model(name, num_features=features, width=width)
+    x = paddle.randn([2, 3, 112, 112])
+    out = model(x)
+    assert out.shape == [2, features] and out.dtype == paddle.float32
+    out.mean().backward()
+    model.eval()
+    with paddle.no_grad():
+        assert model(x[:1]).shape == [1, features]
+
+
+def test_iresnet_features_gamma_is_frozen_at_one() -> None:
+    paddle.seed(0)
+    model = get_model("r18", width=0.25, num_features=32)
+    assert model.features.weight.stop_gradient
+    optimizer = paddle.optimizer.SGD(learning_rate=1.0, parameters=model.parameters())
+    model(paddle.randn([4, 3, 112, 112])).square().mean().backward()
+    optimizer.step()
+    np.testing.assert_array_equal(model.features.weight.numpy(), np.ones(32, np.float32))
+    assert np.abs(model.fc.weight.numpy()).sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:amp_guard can only be enabled")
+def test_fp16_flag_keeps_fp32_embedding_on_cpu() -> None:
+    model = get_model("mbf", fp16=True, width=0.25)
+    assert model(paddle.randn([2, 3, 112, 112])).dtype == paddle.float32
+
+
+def test_dropout_is_active_only_in_training() -> None:
+    paddle.seed(0)
+    model = get_model("r18", width=0.125, dropout=0.5)
+    x = paddle.randn([2, 3, 112, 112])
+    model.eval()
+    with paddle.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())
+    assert model.dropout.p == 0.5
+
+
+def test_batch_norm_follows_torch_running_statistics() -> None:
+    """momentum 0.1 and an unbiased running variance, as torch.nn.BatchNorm: eval outputs then agree."""
+    rng = np.random.default_rng(0)
+    for layer, shape in ((batch_norm_2d(3), (4, 3, 5, 5)), (batch_norm_1d(3), (6, 3))):
+        mean, var = np.zeros(3), np.ones(3)
+        for step in range(3):
+            x = rng.normal(step, 1 + step, size=shape).astype(np.float32)
+            layer(paddle.to_tensor(x))
+            axes = tuple(i for i in range(x.ndim) if i != 1)
+            mean = 0.9 * mean + 0.1 * x.mean(axes)
+            var = 0.9 * var + 0.1 * x.var(axes, ddof=1)
+        np.testing.assert_allclose(layer._mean.numpy(), mean, rtol=1e-5)
+        np.testing.assert_allclose(layer._variance.numpy(), var, rtol=1e-5)
+        assert layer._epsilon == 1e-5
+
+
+def test_macs_match_arcface_torch_figures() -> None:
+    # arcface_torch's model zoo lists r50 at 6.3 GFLOPs and mbf at 0.45 (multiply-adds at 112x112)
+    assert count_macs(get_model("mbf")) / 1e9 == pytest.approx(0.438, abs=1e-3)
+    assert count_macs(get_model("r18", width=0.25)) / 1e9 == pytest.approx(0.170, abs=1e-3)
+
+
+@pytest.mark.parametrize("width", [0.25, 0.3, 0.35, 1.5])
+def test_width_scales_channels_to_valid_groups(width: float) -> None:
+    model = get_model("mbf", width=width, num_features=16)
+    stem = model.layers[0].layers[0]
+    assert stem.weight.shape[0] == scaled_channels(128, width) and stem.weight.shape[0] % 8 == 0
+    model.eval()
+    with paddle.no_grad():
+        assert model(paddle.zeros([1, 3, 112, 112])).shape == [1, 16]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "r51"}, "unknown network 'r51'"),
+    ({"name": "mbf", "dropout": 0.4}, "dropout is only used by the iresnets"),
+    ({"name": "r18", "width": 0.0}, "width must be in"),
+    ({"name": "r18", "dropout": 1.0}, "dropout must be in"),
+])
+def test_bad_arguments_fail_clearly(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_model(**kwargs)
