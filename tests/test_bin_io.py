@@ -1,0 +1,197 @@
+"""eval/bin_io.py: every kind of real .bin loads to the same bytes; bad files fail clearly; nothing runs code.
+
+The Python-2 and numpy-1 kinds cannot be written by this interpreter, so they are crafted:
+- Python 2 (`cPickle.dump(obj, f, 2)` of str): written opcode by opcode below (PROTO 2, EMPTY_LIST, MARK,
+  BINSTRING/SHORT_BINSTRING for each image, APPENDS, NEWTRUE/NEWFALSE, TUPLE2, STOP, with BINPUT memo ops as
+  Python 2 writes them); `pickletools.dis` accepts it.
+- numpy 1: a protocol-2 pickle of numpy-2 arrays names its globals as text lines (`GLOBAL 'module\\nname\\n'`,
+  no length prefix), so replacing `numpy._core.` with `numpy.core.` yields exactly what numpy 1 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import pickletools
+import struct
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from eval.bin_io import BinSet, load_bin, parse_bin, read_bin, write_bin
+from utils.image import decode_rgb
+from utils.safe_pickle import UnsafePickleError
+
+ISSAME = [True, False, True]
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(2 * len(ISSAME)):
+        img = cv2.GaussianBlur(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), (0, 0), 2)
+        ok, buf = cv2.imencode(".png" if i % 2 else ".jpg", img)
+        assert ok
+        out.append(buf.tobytes())
+    return out
+
+
+def _py2_str_pickle(bins: list[bytes], issame: list[bool]) -> bytes:
+    out, memo = bytearray(b"\x80\x02]q\x00("), 1
+    for b in bins:
+        out += (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))) + b
+        out += b"q" + bytes([memo])
+        memo += 1
+    out += b"e]q" + bytes([memo]) + b"(" + b"".join(b"\x88" if s else b"\x89" for s in issame) + b"e\x86q"
+    out += bytes([memo + 1]) + b"."
+    return bytes(out)
+
+
+class _Numpy1FromBuffer:
+    """Pickles like numpy 1.x's protocol-5 array reduction (`numpy.core.numeric._frombuffer`), at protocol 2."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self):
+        return np._core.numeric._frombuffer, (self.data, np.dtype(np.uint8), (len(self.data),), "C")
+
+
+def _kinds(bins: list[bytes]) -> dict[str, bytes]:
+    arrays = [np.frombuffer(b, np.uint8) for b in bins]
+    numpy1_reconstruct = pickle.dumps((arrays, ISSAME), protocol=2)
+    numpy1_frombuffer = pickle.dumps(([_Numpy1FromBuffer(b) for b in bins], ISSAME), protocol=2)
+    return {
+        "python3_bytes": pickle.dumps((bins, ISSAME), protocol=4),
+        "python2_str": _py2_str_pickle(bins, ISSAME),
+        "numpy2_reconstruct": pickle.dumps((arrays, ISSAME), protocol=4),
+        "numpy2_frombuffer": pickle.dumps((arrays, ISSAME), protocol=5),
+        "numpy1_reconstruct": numpy1_reconstruct.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"),
+        "numpy1_frombuffer": numpy1_frombuffer.replace(b"numpy._core.numeric\n", b"numpy.core.numeric\n"),
+    }
+
+
+_EXPECTED_GLOBAL = {"python3_bytes": None, "python2_str": None,
+                    "numpy2_reconstruct": b"numpy._core.multiarray", "numpy2_frombuffer": b"numpy._core.numeric",
+                    "numpy1_reconstruct": b"numpy.core.multiarray\n_reconstruct",
+                    "numpy1_frombuffer": b"numpy.core.numeric\n_frombuffer"}
+
+
+@pytest.mark.parametrize("kind", list(_EXPECTED_GLOBAL))
+def test_every_kind_reads_to_the_same_bytes(kind, images, tmp_path):
+    data = _kinds(images)[kind]
+    with open(tmp_path / "dis.txt", "w") as f:
+        pickletools.dis(data, out=f)  # a well-formed pickle, not just bytes we made up
+    if _EXPECTED_GLOBAL[kind]:
+        assert _EXPECTED_GLOBAL[kind] in data
+    else:
+        assert b"numpy" not in data
+    if kind == "python2_str":
+        assert b"U" in data or b"T" in data
+        with pytest.raises(UnicodeDecodeError):  # what a naive pickle.loads does with Python-2 JPEG strings
+            pickle.loads(data)
+    path = tmp_path / f"{kind}.bin"
+    path.write_bytes(data)
+    bins, issame = read_bin(path)
+    assert bins == images and all(type(b) is bytes for b in bins)
+    assert issame.dtype == np.bool_ and issame.tolist() == ISSAME
+
+
+def test_load_bin_decodes_rgb_and_names_the_set(images, tmp_path):
+    path = tmp_path / "lfw.bin"
+    write_bin(path, images, ISSAME)
+    bs = load_bin(path, progress=False)
+    assert isinstance(bs, BinSet) and bs.name == "lfw" and bs.num_pairs == 3
+    assert bs.images.shape == (6, 112, 112, 3) and bs.images.dtype == np.uint8
+    for img, buf in zip(bs.images, images, strict=True):
+        np.testing.assert_array_equal(img, decode_rgb(buf))
+    assert bs.checksum == hashlib.sha1(path.read_bytes()).hexdigest()[:8]
+    assert bs.issame.tolist() == ISSAME
+
+
+def test_load_bin_resizes_other_sizes_with_a_warning(images, tmp_path):
+    big = cv2.imencode(".png", np.full((160, 150, 3), 77, np.uint8))[1].tobytes()
+    path = tmp_path / "x.bin"
+    write_bin(path, [big, *images[1:]], ISSAME)
+    with pytest.warns(UserWarning, match=r"resized 1 of 6 images to 112x112"):
+        bs = load_bin(path, progress=False)
+    assert bs.images.shape == (6, 112, 112, 3) and (bs.images[0] == 77).all()
+
+
+def test_write_bin_is_a_python3_bytes_pickle_and_atomic(images, tmp_path):
+    path = tmp_path / "a.bin"
+    write_bin(path, images, ISSAME)
+    assert pickle.loads(path.read_bytes()) == (images, ISSAME)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="2 images per pair"):
+        write_bin(path, images[:-1], ISSAME)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+@pytest.mark.parametrize("obj, message", [
+    (lambda b: (b[:-1], ISSAME), r"5 images is an odd number"),
+    (lambda b: (b, ISSAME[:2]), r"6 images but 2 issame labels"),
+    (lambda b: ([], []), r"no pairs"),
+    (lambda b: ([*b[:-1], 7], ISSAME), r"image 5 is a int"),
+    (lambda b: ([*b[:-1], np.zeros((2, 2), np.uint8)], ISSAME), r"image 5 is a ndarray uint8 \(2, 2\)"),
+    (lambda b: (b, [True, "yes", False]), r"issame\[1\] = 'yes' is not a bool"),
+    (lambda b: {"bins": b}, r"expected a pickle of \(bins, issame_list\), found dict"),
+    (lambda b: (b, ISSAME, 1), r"found tuple of length 3"),
+    (lambda b: (b"".join(b), ISSAME), r"bins is a bytes"),
+])
+def test_bad_contents_raise_naming_the_file(obj, message, images, tmp_path):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(pickle.dumps(obj(images), protocol=4))
+    with pytest.raises(ValueError, match=message) as info:
+        read_bin(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_file(images, tmp_path):
+    data = pickle.dumps((images, ISSAME), protocol=4)
+    path = tmp_path / "cut.bin"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.bin: not a readable .bin pickle, truncated or corrupt"):
+        read_bin(path)
+
+
+def test_undecodable_image_names_its_index(images, tmp_path):
+    path = tmp_path / "broken.bin"
+    write_bin(path, [*images[:3], b"\xff\xd8 not a jpeg", *images[4:]], ISSAME)
+    with pytest.raises(ValueError, match=r"broken.bin: image 3 \(pair 1\) cannot be decoded"):
+        load_bin(path, progress=False)
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_code_running_pickle_raises_and_runs_nothing(images, tmp_path):
+    marker = tmp_path / "pwned"
+    data = pickle.dumps((images, [_Payload(str(marker)), *ISSAME[1:]]), protocol=2)
+    # control: the payload is real -- an ordinary unpickler runs it (in a child process)
+    control = tmp_path / "control"
+    subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"],
+                   input=pickle.dumps(_Payload(str(control))), check=True)
+    assert control.exists()
+    path = tmp_path / "evil.bin"
+    path.write_bytes(data)
+    with pytest.raises(UnsafePickleError, match=r"evil.bin: refusing to load global (__builtin__|builtins).exec"):
+        read_bin(path)
+    with pytest.raises(UnsafePickleError):
+        load_bin(path, progress=False)
+    assert not marker.exists()
+
+
+def test_parse_bin_accepts_numpy_bool_issame(images):
+    bins, issame = parse_bin(pickle.dumps((images, np.array(ISSAME)), protocol=4))
+    assert bins == images
+    assert issame.tolist() == ISSAME
