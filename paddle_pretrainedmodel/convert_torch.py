@@ -88,12 +88,11 @@ def convert_state_dict(torch_sd: Mapping[str, Any], network: str) -> dict[str, n
             continue
         seen.add(name)
         array = _to_numpy(value)
-        if name in linear and array.ndim == 2:
-            array = array.T
-        if array.shape != shapes[name]:
-            mismatched.append(f"{torch_name} {list(array.shape)} (expected {list(shapes[name])})")
+        expected = shapes[name][::-1] if name in linear else shapes[name]  # in torch's layout
+        if array.shape != expected:
+            mismatched.append(f"{torch_name} {list(array.shape)} (expected {list(expected)})")
             continue
-        converted[name] = np.ascontiguousarray(array, dtype=np.float32)
+        converted[name] = np.ascontiguousarray(array.T if name in linear else array, dtype=np.float32)
     missing = [name for name in shapes if name not in seen]
     problems = [_listing(title, items) for title, items in
                 (("missing", missing), ("unexpected", unexpected), ("with wrong shape", mismatched)) if items]
