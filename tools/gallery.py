@@ -1,0 +1,121 @@
+"""Build a gallery of known faces and search it.
+
+    python tools/gallery.py build --images gallery/ --out index.npz --model exported/r50
+    python tools/gallery.py search --index index.npz --query photos/ --top-k 5 --threshold 0.3 --model exported/r50
+
+build: identity = the image's sub-folder (gallery/<identity>/<image>), or the label of a `label.txt`
+(`path<space or tab>label`, paths relative to the folder). One mean embedding per identity, or every image with
+--per-image. search: one JSON line per query image with the best identity (`unknown` below --threshold), its
+cosine score and the top-k identities. Images are aligned 112x112 crops, or full images with --landmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+warnings.filterwarnings("ignore", message="No ccache found")
+
+from utils.embedder import add_model_args, embedder_from_args
+from utils.face_files import list_images, load_crops, load_landmarks
+from utils.gallery import GalleryIndex, build_index
+
+
+def gallery_labels(root: Path) -> tuple[list[str], list[str]]:
+    """(image names relative to root, identity of each) from root/label.txt or the sub-folder layout."""
+    label_file = root / "label.txt"
+    if label_file.is_file():
+        names, labels = [], []
+        for n, line in enumerate(label_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2:
+                raise ValueError(f"{label_file}:{n}: expected 'path label', got {line!r}")
+            names.append(parts[0].strip())
+            labels.append(parts[1])
+        if not names:
+            raise ValueError(f"{label_file}: no entries")
+        return names, labels
+    _, names = list_images(root)
+    loose = [n for n in names if "/" not in n]
+    if loose:
+        raise ValueError(f"{root / loose[0]}: not inside an identity sub-folder (use {root}/<identity>/ or label.txt)")
+    return names, [n.split("/", 1)[0] for n in names]
+
+
+def build(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"{args.out}: exists (use --force to replace it)")
+    root = Path(args.images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    names, labels = gallery_labels(root)
+    landmarks = load_landmarks(args.landmarks) if args.landmarks else None
+    crops, kept, skipped = load_crops(root, names, landmarks, args.skip_bad)
+    for item in skipped:
+        print(f"warning: skipped {item['error']}", file=sys.stderr)
+    label_of = dict(zip(names, labels, strict=True))
+    embedder = embedder_from_args(args)
+    embeddings = embedder.embed(crops, batch_size=args.batch_size, flip=args.flip)
+    meta = {**embedder.meta, "flip": args.flip, "images": len(kept), "skipped": len(skipped)}
+    index = build_index(embeddings, [label_of[n] for n in kept], kept, args.per_image, meta)
+    index.save(args.out, force=args.force)
+    print(f"{len(set(labels))} identities, {len(kept)} images, {index.embedding_size}-d "
+          f"({'per image' if args.per_image else 'mean per identity'}) -> {args.out}")
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    index = GalleryIndex.load(args.index)
+    root, names = list_images(args.query)
+    landmarks = load_landmarks(args.landmarks) if args.landmarks else None
+    crops, kept, skipped = load_crops(root, names, landmarks, args.skip_bad)
+    embedder = embedder_from_args(args)
+    index.check_model(embedder.embedding_size, embedder.meta, str(args.index))
+    results = index.search(embedder.embed(crops, batch_size=args.batch_size, flip=args.flip), args.top_k,
+                           args.threshold)
+    for name, result in zip(kept, results, strict=True):
+        print(json.dumps({"file": name, **result}))
+    for item in skipped:
+        print(json.dumps({"file": item["file"], "error": item["error"]}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("build", help="embed a folder of known faces into an index")
+    p.add_argument("--images", required=True, help="folder: <identity>/<image> or label.txt")
+    p.add_argument("--out", required=True, type=Path, help="index file to write (.npz)")
+    p.add_argument("--per-image", action="store_true", help="keep every image instead of one mean per identity")
+    p.add_argument("--force", action="store_true", help="overwrite an existing index")
+    p.set_defaults(run=build)
+    q = commands.add_parser("search", help="rank gallery identities for query images")
+    q.add_argument("--index", required=True, type=Path)
+    q.add_argument("--query", required=True, help="an image, a folder or a list file")
+    q.add_argument("--top-k", type=int, default=5)
+    q.add_argument("--threshold", type=float, default=0.3, help="cosine score below which a face is 'unknown'")
+    q.set_defaults(run=search)
+    for sub in (p, q):
+        sub.add_argument("--landmarks", help="5-point landmarks per image (JSON or text) to align full images")
+        sub.add_argument("--skip-bad", action="store_true", help="skip unreadable/unalignable images with a warning")
+        add_model_args(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Find who is in a photo: locate faces, align, embed, search a gallery, draw boxes and names.
+
+    python tools/recognize.py --image photo.jpg --faces faces.json --index index.npz --out annotated.jpg \
+        --model exported/r50
+    python tools/recognize.py --image photo.jpg --detector face_detection_yunet_2023mar.onnx --index index.npz \
+        --out annotated.jpg --model exported/r50
+
+Faces come from one of:
+  --faces FILE     a JSON list of {"box": [x1, y1, x2, y2], "landmarks": [[x, y] x 5]} (landmarks optional), as any
+                   external detector (SCRFD, RetinaFace, ...) can write; tools/make_face_demo.py writes one.
+  --detector ONNX  OpenCV's YuNet face detector (cv2.FaceDetectorYN, model file from the OpenCV model zoo), which
+                   returns boxes and the 5 landmarks in ArcFace order.
+OpenCV 5 no longer ships the Haar cascades (nor CascadeClassifier) in opencv-python, so there is no built-in
+detector and nothing is downloaded. Faces with landmarks are aligned to the ArcFace template; a box alone is
+cropped square and resized to 112x112 (rougher). "No face found" exits with status 2 unless --allow-empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+warnings.filterwarnings("ignore", message="No ccache found")
+
+import cv2
+import numpy as np
+
+from utils.embedder import add_model_args, embedder_from_args
+from utils.face_files import atomic_write, read_rgb
+from utils.gallery import UNKNOWN, GalleryIndex
+from utils.image import INPUT_SIZE, norm_crop
+
+NO_FACE_EXIT = 2
+
+
+def faces_from_file(path: str | Path, image_shape: tuple[int, ...]) -> list[dict]:
+    """Read and check a --faces JSON list: boxes inside the image, optional 5 landmarks."""
+    try:
+        items = json.loads(Path(path).read_text())
+        if not isinstance(items, list):
+            raise ValueError("expected a JSON list of faces")
+        faces = []
+        for n, item in enumerate(items):
+            box = np.asarray(item["box"], dtype=np.float64)
+            if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
+                raise ValueError(f"face {n}: box must be [x1, y1, x2, y2] with x2 > x1, y2 > y1, got {item['box']}")
+            if box[2] <= 0 or box[3] <= 0 or box[0] >= image_shape[1] or box[1] >= image_shape[0]:
+                raise ValueError(f"face {n}: box {item['box']} is outside the image "
+                                 f"({image_shape[1]}x{image_shape[0]})")
+            marks = item.get("landmarks")
+            if marks is not None:
+                marks = np.asarray(marks, dtype=np.float64)
+                if marks.shape != (5, 2) or not np.isfinite(marks).all():
+                    raise ValueError(f"face {n}: landmarks must be 5 [x, y] points")
+            faces.append({"box": box, "landmarks": marks})
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: bad faces file ({type(e).__name__}: {e})") from None
+    return faces
+
+
+def faces_from_yunet(model: str | Path, image_rgb: np.ndarray, score_threshold: float) -> list[dict]:
+    """Run OpenCV's YuNet detector; rows are x, y, w, h, 5 landmarks (image-left eye first), score."""
+    height, width = image_rgb.shape[:2]
+    try:
+        detector = cv2.FaceDetectorYN.create(str(model), "", (width, height), score_threshold)
+        _, found = detector.detect(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    except cv2.error as e:
+        raise ValueError(f"{model}: cannot run it as an OpenCV YuNet face detector ({str(e).strip()[:200]})") from None
+    rows = [] if found is None else found
+    return [{"box": np.array([r[0], r[1], r[0] + r[2], r[1] + r[3]]), "landmarks": r[4:14].reshape(5, 2)}
+            for r in rows]
+
+
+def crop_face(image_rgb: np.ndarray, face: dict) -> np.ndarray:
+    """112x112 crop: ArcFace alignment from landmarks, else the box made square and resized."""
+    if face["landmarks"] is not None:
+        return norm_crop(image_rgb, face["landmarks"])
+    x1, y1, x2, y2 = face["box"]
+    cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1) / 2
+    scale = INPUT_SIZE / (2 * half)
+    matrix = np.array([[scale, 0, INPUT_SIZE / 2 - scale * cx], [0, scale, INPUT_SIZE / 2 - scale * cy]])
+    return cv2.warpAffine(image_rgb, matrix, (INPUT_SIZE, INPUT_SIZE), borderValue=0.0)
+
+
+def draw(image_rgb: np.ndarray, faces: list[dict], results: list[dict]) -> np.ndarray:
+    """Boxes (green: known, red: unknown) with `name score` labels, as a BGR image ready to encode."""
+    canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    thickness = max(1, round(max(canvas.shape[:2]) / 500))
+    for face, result in zip(faces, results, strict=True):
+        x1, y1, x2, y2 = (round(float(v)) for v in face["box"])
+        color = (40, 40, 230) if result["identity"] == UNKNOWN else (60, 200, 60)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness + 1)
+        label = f"{result['identity']} {result['score']:.2f}"
+        (unit_w, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 1.0, thickness)
+        font_scale = min(0.5 * thickness, (x2 - x1) / unit_w)  # the label fits above its own box
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        top = max(0, y1 - th - base - 4)
+        cv2.rectangle(canvas, (x1, top), (x1 + tw + 4, top + th + base + 4), color, -1)
+        cv2.putText(canvas, label, (x1 + 2, top + th + 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
+                    thickness, cv2.LINE_AA)
+    return canvas
+
+
+def recognize(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"{args.out}: exists (use --force to replace it)")
+    if not cv2.haveImageWriter(str(args.out)):
+        raise ValueError(f"{args.out}: OpenCV cannot write this image format (use .png or .jpg)")
+    image = read_rgb(args.image)
+    index = GalleryIndex.load(args.index)
+    if args.faces:
+        faces = faces_from_file(args.faces, image.shape)
+    elif args.detector:
+        faces = faces_from_yunet(args.detector, image, args.det_threshold)
+    else:
+        raise ValueError("no face detector: give --faces FILE (boxes/landmarks) or --detector YUNET.onnx "
+                         "(OpenCV 5 ships no Haar cascade)")
+    if not faces and not args.allow_empty:
+        print(f"error: {args.image}: no face found", file=sys.stderr)
+        return NO_FACE_EXIT
+    results = []
+    if faces:
+        embedder = embedder_from_args(args)
+        index.check_model(embedder.embedding_size, embedder.meta, str(args.index))
+        crops = np.stack([crop_face(image, f) for f in faces])
+        results = index.search(embedder.embed(crops, batch_size=args.batch_size, flip=args.flip), args.top_k,
+                               args.threshold)
+    _, encoded = cv2.imencode(args.out.suffix, draw(image, faces, results))
+    atomic_write(args.out, encoded.tobytes(), force=args.force)
+    for face, result in zip(faces, results, strict=True):
+        print(json.dumps({"box": [round(float(v), 1) for v in face["box"]], **result}))
+    print(f"{len(faces)} face(s) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--image", required=True, help="the photo")
+    parser.add_argument("--index", required=True, type=Path, help="gallery index from tools/gallery.py build")
+    parser.add_argument("--out", required=True, type=Path, help="annotated image to write (.png, .jpg)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--faces", help="JSON list of face boxes (+ optional 5 landmarks)")
+    source.add_argument("--detector", help="OpenCV YuNet face detector .onnx")
+    parser.add_argument("--det-threshold", type=float, default=0.7, help="detector score threshold")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--threshold", type=float, default=0.3, help="cosine score below which a face is 'unknown'")
+    parser.add_argument("--allow-empty", action="store_true", help="write the image and exit 0 when no face is found")
+    parser.add_argument("--force", action="store_true", help="overwrite --out")
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return recognize(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
