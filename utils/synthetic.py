@@ -334,7 +334,11 @@ _TRAIN, _VAL, _PAIRS = 0, 1, 2  # independent random streams: train identities, 
 
 
 def _map_identities(tasks: list[tuple[int, int, int, int]], workers: int) -> Iterator[list[bytes]]:
-    """Render identities in order, in `workers` spawned processes when > 1 (spawn: safe after `import paddle`)."""
+    """Render identities in order, in `workers` spawned processes when > 1.
+
+    Spawn (not fork) is safe after `import paddle` and on every OS, but it re-imports the caller's main module:
+    only use workers > 1 from a script with an `if __name__ == "__main__":` guard (the CLI has one).
+    """
     if workers <= 1:
         yield from map(_identity_jpegs, tasks)
         return
@@ -360,7 +364,7 @@ def default_val_identities(val_pairs: int) -> int:
 
 
 def generate(out_dir: str | Path, identities: int, images_per_id: int, val_pairs: int, seed: int,
-             val_identities: int | None = None, workers: int | None = None, progress: bool = True) -> Path:
+             val_identities: int | None = None, workers: int = 1, progress: bool = True) -> Path:
     """Write train.rec/train.idx/property and synth_val.bin into `out_dir`; byte-identical for the same arguments."""
     from eval.bin_io import write_bin
     from mxnet_reader.insightface import write_insightface_rec
@@ -371,8 +375,6 @@ def generate(out_dir: str | Path, identities: int, images_per_id: int, val_pairs
     val_identities = val_identities or default_val_identities(val_pairs)
     if val_identities < 2:
         raise ValueError(f"need at least 2 held-out identities for different pairs, got {val_identities}")
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 4) if identities * images_per_id >= 4000 else 1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -395,7 +397,8 @@ def cache_name(identities: int, images_per_id: int, val_pairs: int, seed: int) -
     return f"synthetic-v{GENERATOR_VERSION}-i{identities}-k{images_per_id}-p{val_pairs}-s{seed}"
 
 
-def ensure_synthetic(cache_dir: str | Path, identities: int, images_per_id: int, val_pairs: int, seed: int) -> Path:
+def ensure_synthetic(cache_dir: str | Path, identities: int, images_per_id: int, val_pairs: int, seed: int,
+                     workers: int = 1) -> Path:
     """The synthetic set's directory under `cache_dir`, generated on first use.
 
     Generation goes to a private temp dir that is renamed into place, so a reader never sees a half-written set.
@@ -408,7 +411,7 @@ def ensure_synthetic(cache_dir: str | Path, identities: int, images_per_id: int,
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        generate(tmp, identities, images_per_id, val_pairs, seed)
+        generate(tmp, identities, images_per_id, val_pairs, seed, workers=workers)
         os.rename(tmp, final)
     except OSError:
         if not final.is_dir():  # not a lost race: a real failure
@@ -429,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-identities", type=int, default=None,
                         help="held-out identities for synth_val.bin (default: val_pairs / 2)")
     parser.add_argument("--seed", type=int, default=2048)
-    parser.add_argument("--workers", type=int, default=None, help="rendering processes (default: up to 4 for big sets)")
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4), help="rendering processes")
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
