@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,8 @@ class RecordIODataset(FaceDataset):
         if 0 in reader:
             header, payload = unpack(reader.read_idx(0))
             if header.flag >= 2 and not payload:
-                first_identity = self._exact_bound(float(header.label[0]), self._is_header_record, "image")
-                end = self._exact_bound(float(header.label[1]), lambda k: k not in reader, "identity")
+                first_identity = self._pinned_bound(float(header.label[0]), self._is_header_record, "image")
+                end = self._pinned_bound(float(header.label[1]), lambda k: k not in reader, "identity")
                 return range(1, first_identity), end - first_identity
         return reader.key_array, None
 
@@ -184,15 +185,12 @@ class RecordIODataset(FaceDataset):
         header, payload = unpack(self._reader.read_idx(key))
         return header.flag >= 2 and not payload
 
-    def _exact_bound(self, approx: float, is_past: Any, what: str) -> int:
-        """The integer k with is_past(k) and not is_past(k-1), within float32 rounding of `approx`."""
-        spacing = int(np.spacing(np.float32(approx)))
-        low, high = max(1, int(approx) - spacing), int(approx) + spacing
-        for k in range(low, high + 1):
-            if is_past(k) and not is_past(k - 1):
-                return k
-        raise RecordIOError(f"{self.source}: header record 0 puts the end of the {what} records at {approx:.0f}, "
-                            f"but no {what} range ends within +-{spacing} keys of it")
+    def _pinned_bound(self, approx: float, is_past: Callable[[int], bool], what: str) -> int:
+        bound = exact_bound(approx, is_past)
+        if bound is None:
+            raise RecordIOError(f"{self.source}: header record 0 puts the end of the {what} records at key "
+                                f"{approx:.0f}, but the index and records disagree within float32 rounding of it")
+        return bound
 
     def _scan_num_classes(self) -> int:
         """No header record and no property file: the largest label + 1 over every record (one pass)."""
@@ -201,6 +199,18 @@ class RecordIODataset(FaceDataset):
             header, _ = unpack(self._reader.read_idx(int(key)))
             top = max(top, int(header.label if header.flag == 0 else header.label[0]))
         return top + 1
+
+
+def exact_bound(approx: float, is_past: Callable[[int], bool]) -> int | None:
+    """The key k with is_past(k) and not is_past(k - 1) within float32 rounding of `approx`, or None.
+
+    Header records store key bounds as float32, exact only below 2^24: 42,474,557 reads back as 42,474,556.
+    """
+    spacing = int(np.spacing(np.float32(approx)))
+    for k in range(max(1, int(approx) - spacing), int(approx) + spacing + 1):
+        if is_past(k) and not is_past(k - 1):
+            return k
+    return None
 
 
 def _read_property(root: Path) -> int | None:
@@ -432,6 +442,7 @@ __all__ = [
     "build_dataloader",
     "build_dataset",
     "dataset_dir",
+    "exact_bound",
     "flip_of",
     "normalise_uint8",
 ]
