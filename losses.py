@@ -1,0 +1,131 @@
+"""Margin losses on cosine logits: ArcFace, CosFace and the general combined form cos(m1*theta + m2) - m3.
+
+The margin math lives in small NumPy methods (`target_logit`, `target_grad`, `filtered`) so that Partial FC, which runs
+its head in NumPy for speed, and the Paddle `forward` (autograd, for a plain fully-connected head) share one definition.
+
+Gradient modes. arcface_torch applies the ArcFace margin inside `torch.no_grad()`, so its backward treats the target
+logit s*cos(theta + m) as if it were s*cos(theta): d logit / d cos = s ("straight_through", our default, for
+reproduction). `grad="exact"` uses the true derivative s*m1*sin(m1*theta + m2)/sin(theta), which grows without bound as
+theta -> 0 when m2 > 0; we evaluate it at cos clamped to +-(1 - 1e-6). For CosFace (m1=1, m2=0) both modes coincide.
+
+theta + m2 may exceed pi (cos(theta + m2) then rises again as theta -> pi). arcface_torch's current CombinedMarginLoss
+computes the plain cos(theta + m2) without the old "easy margin"/threshold fix-ups; we do the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import paddle
+
+GRAD_MODES = ("straight_through", "exact")
+LOSS_NAMES = ("arcface", "cosface", "combined")
+_EXACT_COS_LIMIT = 1.0 - 1e-6  # where the exact derivative is evaluated at |cos| = 1 (it is singular there)
+
+
+class CombinedMarginLoss(paddle.nn.Layer):
+    """Turn cosine logits [B, C] into margin logits: target -> s*(cos(m1*theta + m2) - m3), others -> s*cos.
+
+    labels [B] hold the target column of each row, or -1 when the row's class is not among these columns (another
+    shard of Partial FC). interclass_filtering_threshold > 0 zeroes negatives whose cosine exceeds it (arcface_torch:
+    likely label noise), with zero gradient; 0 disables it.
+    """
+
+    def __init__(self, s: float, m1: float, m2: float, m3: float, interclass_filtering_threshold: float = 0.0,
+                 grad: str = "straight_through") -> None:
+        super().__init__()
+        checks = [
+            (math.isfinite(s) and s > 0, f"s={s} must be a positive number"),
+            (math.isfinite(m1) and m1 > 0, f"m1={m1} must be > 0 (1 = no multiplicative margin)"),
+            (0 <= m2 < math.pi / 2, f"m2={m2} must be in [0, pi/2) (additive angular margin, radians)"),
+            (0 <= m3 < 1, f"m3={m3} must be in [0, 1) (additive cosine margin)"),
+            (0 <= interclass_filtering_threshold < 1,
+             f"interclass_filtering_threshold={interclass_filtering_threshold} must be in [0, 1) (0 = off)"),
+            (grad in GRAD_MODES, f"grad={grad!r} must be one of {GRAD_MODES}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"CombinedMarginLoss: {message}")
+        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        self.grad = grad
+
+    def extra_repr(self) -> str:
+        return (f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, grad={self.grad}, "
+                f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
+
+    @property
+    def has_angular_margin(self) -> bool:
+        return self.m1 != 1.0 or self.m2 != 0.0
+
+    # ---- NumPy core (shared with Partial FC) ----
+    def target_logit(self, cos_t: np.ndarray) -> np.ndarray:
+        """s * (cos(m1 * acos(c) + m2) - m3) for the target cosines (computed in float64)."""
+        c = np.clip(np.asarray(cos_t, dtype=np.float64), -1.0, 1.0)
+        if self.has_angular_margin:
+            c = np.cos(self.m1 * np.arccos(c) + self.m2)
+        return self.s * (c - self.m3)
+
+    def target_grad(self, cos_t: np.ndarray) -> np.ndarray:
+        """d target_logit / d cos for the chosen gradient mode (float64)."""
+        c = np.asarray(cos_t, dtype=np.float64)
+        if self.grad == "straight_through" or not self.has_angular_margin:
+            return np.full(c.shape, self.s)
+        theta = np.arccos(np.clip(c, -_EXACT_COS_LIMIT, _EXACT_COS_LIMIT))
+        return self.s * self.m1 * np.sin(self.m1 * theta + self.m2) / np.sin(theta)
+
+    def filtered(self, cos: np.ndarray, rows: np.ndarray, cols: np.ndarray, axis: int = 1) -> np.ndarray | None:
+        """Boolean mask of the negatives removed by inter-class filtering, or None when filtering is off.
+
+        `cos` is [B, C] (axis=1) or its transpose [C, B] (axis=0); (rows, cols) index the targets in [B, C] terms.
+        """
+        if self.interclass_filtering_threshold <= 0:
+            return None
+        mask = cos > self.interclass_filtering_threshold
+        if axis == 1:
+            mask[rows, cols] = False
+        else:
+            mask[cols, rows] = False
+        return mask
+
+    # ---- Paddle autograd path (a plain, unsharded FC head) ----
+    def forward(self, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+        """logits [B, C] cosines, labels [B] int (-1 = no target here) -> [B, C] margin logits with autograd."""
+        if logits.ndim != 2 or labels.reshape([-1]).shape[0] != logits.shape[0]:
+            raise ValueError(f"CombinedMarginLoss: logits must be [B, C] and labels [B], got {logits.shape} "
+                             f"and {labels.shape}")
+        labels = labels.reshape([-1]).astype("int64")
+        num_classes = logits.shape[1]
+        if labels.shape[0] and (int(labels.min()) < -1 or int(labels.max()) >= num_classes):
+            raise ValueError(f"CombinedMarginLoss: labels must be in [-1, {num_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        cos = paddle.clip(logits, -1.0, 1.0)
+        has_target = (labels >= 0).astype(cos.dtype).unsqueeze(1)
+        onehot = paddle.nn.functional.one_hot(labels.clip(min=0), num_classes).astype(cos.dtype) * has_target
+        if self.interclass_filtering_threshold > 0:  # drop negatives that look like the same identity
+            dirty = (cos > self.interclass_filtering_threshold).astype(cos.dtype) * (1.0 - onehot)
+            cos = cos * (1.0 - dirty)
+        cos_t = (cos * onehot).sum(axis=1, keepdim=True)
+        value = paddle.to_tensor(self.target_logit(cos_t.numpy()), dtype=cos.dtype, place=cos.place)
+        slope = paddle.to_tensor(self.target_grad(cos_t.numpy()), dtype=cos.dtype, place=cos.place)
+        target = value + slope * (cos_t - cos_t.detach())  # value = margin logit, derivative = slope
+        out = cos * self.s * (1.0 - onehot) + onehot * target
+        return out
+
+
+def build_margin_loss(cfg: Any) -> CombinedMarginLoss:
+    """CombinedMarginLoss from cfg.loss (arcface | cosface | combined) and cfg.margin_* keys; contradictions raise."""
+    name = cfg.loss
+    s, m1, m2, m3 = cfg.margin_s, cfg.margin_m1, cfg.margin_m2, cfg.margin_m3
+    if name not in LOSS_NAMES:
+        raise ValueError(f"config key loss={name!r} must be one of {LOSS_NAMES}")
+    if name == "arcface" and (m1 != 1.0 or m3 != 0.0 or m2 <= 0):
+        raise ValueError(f"loss='arcface' uses margin_m2 only (margin_m1=1, margin_m3=0, margin_m2>0), got "
+                         f"margin_m1={m1}, margin_m2={m2}, margin_m3={m3}; use loss='combined' for other margins")
+    if name == "cosface" and (m1 != 1.0 or m2 != 0.0 or m3 <= 0):
+        raise ValueError(f"loss='cosface' uses margin_m3 only (margin_m1=1, margin_m2=0, margin_m3>0), got "
+                         f"margin_m1={m1}, margin_m2={m2}, margin_m3={m3}; use loss='combined' for other margins")
+    return CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold=cfg.interclass_filtering_threshold,
+                              grad=cfg.margin_grad)
