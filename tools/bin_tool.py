@@ -11,10 +11,7 @@ folder. Packing your own photos into a `.bin` works the same way: write a pairs.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
@@ -23,18 +20,10 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 from tqdm import tqdm
 
 from eval.bin_io import read_bin, write_bin
+from tools._data import image_suffix, staged_dir
 from utils.image import decode_rgb
 
 PAIRS_FILE = "pairs.txt"
-
-
-def image_suffix(payload: bytes) -> str:
-    """File extension for an encoded image, from its magic bytes (the payload is written unchanged)."""
-    if payload[:3] == b"\xff\xd8\xff":
-        return ".jpg"
-    if payload[:8] == b"\x89PNG\r\n\x1a\n":
-        return ".png"
-    return ".img"
 
 
 def unpack(bin_path: Path, out_dir: Path, progress: bool = True) -> int:
@@ -45,19 +34,12 @@ def unpack(bin_path: Path, out_dir: Path, progress: bool = True) -> int:
     bins, issame = read_bin(bin_path)
     width = max(5, len(str(len(bins) - 1)))
     names = [f"{i:0{width}d}{image_suffix(b)}" for i, b in enumerate(bins)]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         for name, payload in zip(tqdm(names, desc=f"unpack {bin_path.name}", unit="img", disable=not progress),
                                  bins, strict=True):
             (tmp / name).write_bytes(payload)
         lines = [f"{names[2 * i]} {names[2 * i + 1]} {int(same)}\n" for i, same in enumerate(issame)]
         (tmp / PAIRS_FILE).write_text("".join(lines), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return len(issame)
 
 
