@@ -109,7 +109,9 @@ class _HeadFunction(paddle.autograd.PyLayer):
     @staticmethod
     def backward(ctx: Any, grad: paddle.Tensor) -> paddle.Tensor:
         saved, ctx.saved = ctx.saved, None
-        return paddle.to_tensor(ctx.pfc._backward_numpy(saved, float(grad))).astype(ctx.dtype)
+        with np.errstate(invalid="ignore", over="ignore"):  # an AMP overflow: step() will see it and skip
+            grad_emb = ctx.pfc._backward_numpy(saved, float(grad))
+        return paddle.to_tensor(grad_emb).astype(ctx.dtype)
 
 
 class _AllGather(paddle.autograd.PyLayer):

@@ -43,7 +43,7 @@ def full_softmax(emb: np.ndarray, weight: np.ndarray, labels: np.ndarray, s: flo
     logits = margin_logits(cos.clamp(-1, 1), torch.tensor(labels), s, m1, m2, m3, grad, threshold)
     loss = (torch.logsumexp(logits, 1) - logits[torch.arange(len(labels)), torch.tensor(labels)]).mean()
     loss.backward()
-    return float(loss), e.grad.numpy(), w.grad.numpy()
+    return float(loss.detach()), e.grad.numpy(), w.grad.numpy()
 
 
 def numpy_loss(emb: np.ndarray, weight: np.ndarray, labels: np.ndarray, s: float, m1: float, m2: float,
