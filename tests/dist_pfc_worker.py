@@ -1,0 +1,160 @@
+"""Worker for tests/test_partial_fc_dist.py, run on 2 CPU ranks by tests/launch.py (paddle.distributed.launch, gloo).
+
+`check IN_DIR OUT_DIR`: W=2 equals the single-process float64 full softmax (loss, embedding, backbone-after-
+DataParallel and shard gradients), sample_rate=0.5 sparsity, collective input errors, load of a W=1 save and a W=2 save.
+`die`: rank 1 exits mid-training; rank 0 must not hang.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from losses import CombinedMarginLoss
+from partial_fc import PartialFC, init_centres
+from tests.pfc_reference import full_softmax
+
+C, D, D_IN, B = 37, 8, 6, 5
+CASES = [(64.0, 1.0, 0.5, 0.0, "straight_through"), (64.0, 1.0, 0.5, 0.0, "exact"), (64.0, 1.0, 0.0, 0.4, "exact")]
+
+
+def close(name: str, ours: np.ndarray, ref: np.ndarray, tol: float = 1e-5) -> None:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err = float(np.abs(ours - ref).max()) if ref.size else 0.0
+    assert err <= tol * max(float(np.abs(ref).max()), 1e-12), f"{name}: max error {err} vs scale {np.abs(ref).max()}"
+
+
+def expect_error(fn, message: str) -> None:
+    try:
+        fn()
+    except ValueError as exc:
+        assert message in str(exc), f"wrong error: {exc}"
+        return
+    raise AssertionError(f"no ValueError containing {message!r}")
+
+
+class Setup:
+    """The same global batch and backbone on every rank; each rank feeds its slice through DataParallel."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        rng = np.random.default_rng(0)
+        self.rank, self.world = rank, world
+        self.x = rng.standard_normal((world * B, D_IN)).astype(np.float32)
+        self.y = rng.choice(C, world * B).astype(np.int64)
+        self.w_net = rng.standard_normal((D_IN, D)).astype(np.float32)
+        self.b_net = rng.standard_normal(D).astype(np.float32)
+        self.net = paddle.nn.Linear(D_IN, D)
+        self.net.weight.set_value(self.w_net)
+        self.net.bias.set_value(self.b_net)
+        self.model = paddle.DataParallel(self.net)
+        self.local = slice(rank * B, (rank + 1) * B)
+        self.full_w = np.empty((C, D), np.float32)
+        init_centres(self.full_w, 0, seed=0)
+
+    def run(self, pfc: PartialFC) -> tuple[float, np.ndarray]:
+        grads = []
+        emb = self.model(paddle.to_tensor(self.x[self.local]))
+        emb.register_hook(lambda g: grads.append(g.numpy()))
+        loss = pfc(emb, paddle.to_tensor(self.y[self.local]))
+        loss.backward()
+        return float(loss), grads[0]
+
+    def reference(self, weight: np.ndarray, labels: np.ndarray, margin: tuple) -> tuple:
+        emb = self.x.astype(np.float64) @ self.w_net + self.b_net
+        return full_softmax(emb, weight, labels, *margin)
+
+
+def check_exactness(setup: Setup) -> None:
+    for case in CASES:
+        pfc = PartialFC(CombinedMarginLoss(*case[:4], grad=case[4]), D, C)
+        loss, grad_emb = setup.run(pfc)
+        ref_loss, ref_emb, ref_w = setup.reference(setup.full_w, setup.y, case)
+        close(f"loss {case}", loss, ref_loss)
+        close(f"embedding gradient {case}", grad_emb, setup.world * ref_emb[setup.local])  # W x: DataParallel averages
+        close(f"backbone weight gradient {case}", setup.net.weight.grad.numpy(), setup.x.T @ ref_emb)
+        close(f"backbone bias gradient {case}", setup.net.bias.grad.numpy(), ref_emb.sum(0))
+        idx, grad_w = pfc.pending_gradient()
+        assert idx.size == pfc.num_local
+        close(f"shard gradient {case}", grad_w, ref_w[pfc.class_start:pfc.class_start + pfc.num_local])
+        setup.net.clear_gradients()
+
+
+def check_sampling(setup: Setup) -> None:
+    margin = (64.0, 1.0, 0.5, 0.0, "straight_through")
+    pfc = PartialFC(CombinedMarginLoss(*margin[:4]), D, C, sample_rate=0.5)
+    pfc.opt_state["momentum"][:] = np.random.default_rng(setup.rank).standard_normal((pfc.num_local, D))
+    weight, mom = pfc.weight.copy(), pfc.opt_state["momentum"].copy()
+    loss, grad_emb = setup.run(pfc)
+    idx, grad_w = pfc.pending_gradient()
+    local = setup.y - pfc.class_start
+    positives = np.unique(local[(local >= 0) & (local < pfc.num_local)])
+    assert set(positives) <= set(idx), f"positives {positives} not all in the sample {idx}"
+    assert idx.size == max(int(0.5 * pfc.num_local), positives.size), (idx.size, pfc.num_local)
+    gathered: list = []
+    dist.all_gather_object(gathered, (idx + pfc.class_start).tolist())
+    sampled = np.concatenate(gathered)
+    ref_loss, ref_emb, ref_w = setup.reference(setup.full_w[sampled], np.searchsorted(sampled, setup.y), margin)
+    close("sampled loss", loss, ref_loss)
+    close("sampled embedding gradient", grad_emb, setup.world * ref_emb[setup.local])
+    offset = sum(len(g) for g in gathered[:setup.rank])
+    close("sampled shard gradient", grad_w, ref_w[offset:offset + idx.size])
+    pfc.step(0.1)
+    unsampled = np.setdiff1d(np.arange(pfc.num_local), idx)
+    assert np.array_equal(pfc.weight[unsampled], weight[unsampled]), "unsampled rows changed"
+    assert np.array_equal(pfc.opt_state["momentum"][unsampled], mom[unsampled]), "unsampled momentum changed"
+    assert not np.array_equal(pfc.weight[idx], weight[idx])
+    setup.net.clear_gradients()
+
+
+def check_bad_inputs(setup: Setup) -> None:
+    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C)
+    x, y = paddle.to_tensor(setup.x[setup.local] @ setup.w_net), setup.y[setup.local].copy()
+    if setup.rank == 1:
+        y[0] = C
+    expect_error(lambda: pfc(x, paddle.to_tensor(y)), f"rank 1: labels must be in [0, {C})")
+    wide = paddle.concat([x, x[:, :1]], axis=1) if setup.rank == 0 else x
+    expect_error(lambda: pfc(wide, paddle.to_tensor(setup.y[setup.local])), f"rank 0: embedding size {D + 1}")
+    short = slice(0, B - setup.rank)
+    expect_error(lambda: pfc(x[short], paddle.to_tensor(setup.y[setup.local][short])), "batch sizes differ")
+    assert np.isfinite(float(pfc(x, paddle.to_tensor(setup.y[setup.local])))), "ranks out of step after errors"
+
+
+def check_reshard(setup: Setup, in_dir: Path, out_dir: Path) -> None:
+    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, sample_rate=0.5)
+    pfc.load(in_dir)  # saved by a single process
+    rows = slice(pfc.class_start, pfc.class_start + pfc.num_local)
+    assert np.array_equal(pfc.weight, np.load(in_dir / "softmax_weight.r0.npy")[rows])
+    assert np.array_equal(pfc.opt_state["momentum"], np.load(in_dir / "softmax_mom.r0.npy")[rows])
+    setup.run(pfc)
+    pfc.step(0.1)
+    pfc.save(out_dir)  # the test loads it with W=1
+
+
+def die(setup: Setup) -> None:
+    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C)
+    for step in range(10_000):
+        if step == 3 and setup.rank == 1:
+            os._exit(3)
+        setup.run(pfc)
+        pfc.step(0.01)
+        setup.net.clear_gradients()
+
+
+def main() -> None:
+    dist.init_parallel_env()
+    setup = Setup(dist.get_rank(), dist.get_world_size())
+    if sys.argv[1] == "die":
+        die(setup)
+        return
+    check_exactness(setup)
+    check_sampling(setup)
+    check_bad_inputs(setup)
+    check_reshard(setup, Path(sys.argv[2]), Path(sys.argv[3]))
+    print(f"rank {setup.rank}: PFC WORKER OK", flush=True)
+
+
+if __name__ == "__main__":
+    main()
