@@ -157,17 +157,22 @@ def image_features(model, image_dir: Path, meta: IJBMeta, batch_size: int = 128,
                 for i in range(start, stop)]
 
     feats = None
+    was_training = model.training
     model.eval()
-    with ThreadPoolExecutor(max(1, workers)) as pool, paddle.no_grad():
-        pending = submit(0)
-        for start in tqdm(starts, desc="IJB features", unit="batch", disable=not progress):
-            batch = np.stack([future.result() for future in pending])
-            if start + batch_size < len(meta.image_names):
-                pending = submit(start + batch_size)
-            views = embed_views(model, batch, flip)
-            if feats is None:
-                feats = np.empty((len(meta.image_names), views[0].shape[1]), dtype=np.float32)
-            feats[start:start + len(batch)] = sum(views[1:], views[0])
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool, paddle.no_grad():
+            pending = submit(0)
+            for start in tqdm(starts, desc="IJB features", unit="batch", disable=not progress):
+                batch = np.stack([future.result() for future in pending])
+                if start + batch_size < len(meta.image_names):
+                    pending = submit(start + batch_size)
+                views = embed_views(model, batch, flip)
+                if feats is None:
+                    feats = np.empty((len(meta.image_names), views[0].shape[1]), dtype=np.float32)
+                feats[start:start + len(batch)] = sum(views[1:], views[0])
+    finally:
+        if was_training:
+            model.train()
     return feats
 
 

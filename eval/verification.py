@@ -35,7 +35,7 @@ from tqdm import tqdm
 from eval.bin_io import BinSet, load_bin
 from utils.image import preprocess_batch
 
-__all__ = ["ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "BinSet", "embed_views", "evaluate", "load_bin",
+__all__ = ["ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "BinSet", "describe", "embed_views", "evaluate", "load_bin",
            "pair_distances", "test"]
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
@@ -61,7 +61,7 @@ def _check_inputs(embeddings: np.ndarray, issame: np.ndarray, nrof_folds: int) -
     bad = ~np.isfinite(embeddings).all(axis=1)
     if bad.any():
         raise ValueError(f"embeddings contain NaN/Inf in {int(bad.sum())} rows (first: row {int(np.argmax(bad))})")
-    norms = np.linalg.norm(embeddings.astype(np.float64), axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings, dtype=np.float64))
     off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
     if off.any():
         i = int(np.argmax(off))

@@ -118,6 +118,12 @@ def test_missing_images_are_a_clear_error(model, ijb_copy):
         ijb.evaluate_ijb(model, ijb_copy, "IJBC", progress=False)
 
 
+def test_undecodable_image_is_a_clear_error(model, ijb_copy):
+    (ijb_copy / "loose_crop" / "1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"1\.jpg: cannot decode image"):
+        ijb.evaluate_ijb(model, ijb_copy, "IJBC", progress=False)
+
+
 def test_missing_meta_file_is_a_clear_error(model, ijb_copy):
     (ijb_copy / "meta" / "ijbc_template_pair_label.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"IJB meta file missing: .*ijbc_template_pair_label\.txt"):
