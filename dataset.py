@@ -4,9 +4,8 @@ Every dataset returns `(CHW float32 RGB normalised as utils.image.preprocess, np
 flip horizontally with probability 1/2 (arcface_torch's only augmentation). The flip of sample `i` in epoch `e`
 is a hash of (seed, e, i), so it does not depend on the worker count or on where a resumed run restarts.
 
-`build_dataloader` returns a `FaceDataLoader`: a paddle.io.DataLoader whose workers decode into uint8 batches
-(a quarter of the bytes to hand between processes; Paddle copies float32 arrays into tensors slowly) that are
-normalised in the training process with one table lookup and handed to Paddle without a copy. Its
+`build_dataloader` returns a `FaceDataLoader`: a paddle.io.DataLoader whose workers decode, flip and normalise
+each image straight into the batch (one table lookup per pixel) and pass it on as bytes (see `_collate`). Its
 `batch_sampler` is a `ShardedBatchSampler`: seeded, epoch-aware, one disjoint slice of the same permutation per
 rank, and a `state_dict()` that resumes exactly at the next unconsumed batch.
 
@@ -27,7 +26,6 @@ from typing import Any
 import cv2
 import numpy as np
 import paddle
-from paddle.utils.dlpack import from_dlpack
 
 from mxnet_reader.recordio import MXIndexedRecordIO, RecordIOError, unpack
 from utils.image import INPUT_SIZE, decode_rgb, preprocess
@@ -405,22 +403,24 @@ class _UInt8Samples(paddle.io.Dataset):
         return self.dataset.load_uint8(*item)
 
 
-def _collate_uint8(samples: list) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([s[0] for s in samples]), np.array([s[1] for s in samples], dtype=np.int64)
-
-
-def _init_worker(worker_id: int) -> None:
-    """Module-level, so it pickles under spawn: workers are the parallelism, OpenCV stays single-threaded."""
-    cv2.setNumThreads(1)
+def _collate(samples: list) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise each image straight into its slot of the batch (per image: small enough that OpenCV stays
+    single-threaded, which keeps forked workers safe) and hand the float32 bytes over as uint8: Paddle copies
+    float32 arrays into tensors ~100x slower than uint8 ones (25 ms vs 0.3 ms per batch measured here)."""
+    first = samples[0][0]
+    images = np.empty((len(samples), *first.shape), dtype=np.float32)
+    for slot, (image, _) in zip(images, samples, strict=True):
+        cv2.LUT(image.reshape(-1, image.shape[-1]), _TABLE, dst=slot.reshape(-1, slot.shape[-1]))
+    return images.view(np.uint8), np.array([s[1] for s in samples], dtype=np.int64)
 
 
 class FaceDataLoader(paddle.io.DataLoader):
-    """paddle.io.DataLoader yielding (float32 [B,3,112,112], int64 [B]) from uint8 worker batches."""
+    """paddle.io.DataLoader yielding (float32 [B,3,112,112], int64 [B]); see `_collate` for the uint8 view."""
 
     def __iter__(self):
         for images, labels in super().__iter__():
             self.batch_sampler.mark_consumed()
-            yield from_dlpack(normalise_uint8(images.numpy())), labels
+            yield images.view(paddle.float32), labels  # reinterprets the bytes, no copy
 
 
 def build_dataloader(cfg: Any, rank: int, world_size: int, dataset: FaceDataset | None = None) -> FaceDataLoader:
@@ -428,8 +428,10 @@ def build_dataloader(cfg: Any, rank: int, world_size: int, dataset: FaceDataset 
     dataset = dataset if dataset is not None else build_dataset(cfg, train=True)
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, rank, world_size, cfg.seed)
     # Workers are forked once per epoch (Paddle's persistent workers sleep 0.5 s at every epoch start instead).
-    return FaceDataLoader(_UInt8Samples(dataset), batch_sampler=sampler, collate_fn=_collate_uint8,
-                          num_workers=cfg.num_workers, worker_init_fn=_init_worker)
+    # No worker_init_fn: the dataset carries everything a worker needs (the reader reopens its file per
+    # process), and cv2.setNumThreads in a forked worker deadlocked here once the parent had used OpenCV threads.
+    return FaceDataLoader(_UInt8Samples(dataset), batch_sampler=sampler, collate_fn=_collate,
+                          num_workers=cfg.num_workers)
 
 
 __all__ = [

@@ -1,0 +1,303 @@
+"""dataset.py: what arcface_torch sees on the mxnet fixture, layouts, bad input, sampler and exact resume."""
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+import dataset as D
+from mxnet_reader.recordio import IRHeader, MXIndexedRecordIO, RecordIOError, pack, pack_img, unpack
+from utils.image import decode_rgb, preprocess
+
+
+def face_like(rng: np.random.Generator, size: int = 112) -> np.ndarray:
+    """A smooth random BGR image (JPEG-friendly, like a face crop)."""
+    return cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def write_rec(root, labels, *, header=True, payloads=None, order=None, label_fn=float, size=112):
+    """An InsightFace-style train.rec/idx in face2rec2's order: images 1..n, header 0, identity records."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(labels))
+    n = len(labels)
+    with MXIndexedRecordIO(root / "train.idx", root / "train.rec", "w") as writer:
+        for key in order or range(1, n + 1):
+            label = label_fn(labels[key - 1])
+            if payloads and key in payloads:
+                writer.write_idx(key, pack(IRHeader(0, label, key, 0), payloads[key]))
+            else:
+                writer.write_idx(key, pack_img(IRHeader(0, label, key, 0), face_like(rng, size)))
+        if header:
+            classes = sorted(set(labels))
+            writer.write_idx(0, pack(IRHeader(0, [n + 1, n + 1 + len(classes)], 0, 0), b""))
+            for j, c in enumerate(classes):
+                keys = [k + 1 for k, lab in enumerate(labels) if lab == c]
+                writer.write_idx(n + 1 + j, pack(IRHeader(0, [keys[0], keys[-1] + 1], n + 1 + j, 0), b""))
+    return root
+
+
+def rgb_of(ds, index):
+    return decode_rgb(unpack(ds._reader.read_idx(int(ds._keys[index])))[1])
+
+
+def cfg_for(data, **kw):
+    base = dict(data=str(data), batch_size=4, num_workers=0, seed=7, num_classes=None, cache_dir=".cache",
+                synthetic_identities=4, synthetic_images_per_id=2, synthetic_val_pairs=4)
+    return SimpleNamespace(**{**base, **kw})
+
+
+# -- the mxnet fixture ---------------------------------------------------------------------------------------
+def test_mxnet_fixture_reads_as_arcface_torch_does(shared_fixtures):
+    root = shared_fixtures / "mxnet_written"
+    expected = json.loads((root / "expected.json").read_text())
+    ds = D.RecordIODataset(root, train=False)
+    view = expected["arcface_torch_MXFaceDataset_view"]
+    assert len(ds) == view["len"] and ds.num_classes == expected["num_classes"]
+    assert list(ds._keys) == view["imgidx"]
+    for i in range(len(ds)):
+        image, label = ds[i]
+        assert isinstance(label, np.int64) and label == view["labels"][i]
+        assert image.dtype == np.float32 and image.shape == (3, 112, 112)
+        rgb = rgb_of(ds, i)
+        assert hashlib.md5(rgb.tobytes()).hexdigest() == expected["records"][str(i + 1)]["mx_image_imdecode_rgb"]["md5"]
+        np.testing.assert_array_equal(image, preprocess(rgb))
+
+
+def test_training_flips_depend_on_seed_epoch_and_index(shared_fixtures):
+    ds = D.RecordIODataset(shared_fixtures / "mxnet_written", train=True, seed=3)
+    flips = [D.flip_of(3, 0, i) for i in range(len(ds))]
+    assert 15 < sum(flips) < 45
+    for i in range(0, len(ds), 5):
+        np.testing.assert_array_equal(ds[i][0], preprocess(rgb_of(ds, i), flip=flips[i]))
+    ds.set_epoch(1)
+    assert [D.flip_of(3, 1, i) for i in range(len(ds))] != flips
+    assert [D.flip_of(4, 0, i) for i in range(len(ds))] != flips
+    np.testing.assert_array_equal(ds[2][0], preprocess(rgb_of(ds, 2), flip=D.flip_of(3, 1, 2)))
+
+
+def test_normalise_uint8_equals_preprocess():
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    chw = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(D.normalise_uint8(chw), np.stack([preprocess(im) for im in batch]))
+
+
+# -- layouts ------------------------------------------------------------------------------------------------
+def test_header_bounds_are_pinned_beyond_float32_precision():
+    true_end = 42_474_557  # a WebFace42M-sized image count: float32 cannot hold it
+    approx = float(np.float32(true_end))
+    assert int(approx) != true_end  # what reading the header naively (arcface_torch) would use
+    assert D.exact_bound(approx, lambda k: k >= true_end) == true_end
+    assert D.exact_bound(approx, lambda k: k >= true_end + 40) is None
+    assert D.exact_bound(61.0, lambda k: k >= 61) == 61
+
+
+def test_header_that_disagrees_with_the_records_is_an_error(tmp_path):
+    root = write_rec(tmp_path / "d", [0, 0, 1, 1])
+    with MXIndexedRecordIO(root / "x.idx", root / "x.rec", "w") as writer:  # rewrite header 0 as [9, 11]
+        reader = MXIndexedRecordIO(root / "train.idx", root / "train.rec", "r")
+        for key in reader.keys:
+            writer.write_idx(key, pack(IRHeader(0, [9, 11], 0, 0), b"") if key == 0 else reader.read_idx(key))
+    (root / "x.idx").replace(root / "train.idx")
+    (root / "x.rec").replace(root / "train.rec")
+    with pytest.raises(RecordIOError, match="header record 0 puts the end of the image records at key 9"):
+        D.RecordIODataset(root)
+
+
+def test_without_header_the_index_keys_are_used(tmp_path):
+    labels = [2, 0, 1, 2, 0]
+    root = write_rec(tmp_path / "s", labels, header=False, order=[3, 1, 5, 2, 4])
+    ds = D.RecordIODataset(root, train=False)
+    assert list(ds._keys) == [3, 1, 5, 2, 4] and ds.num_classes == 3  # num_classes from a scan of the labels
+    assert [int(ds[i][1]) for i in range(5)] == [1, 2, 0, 0, 2]
+    (root / "property").write_text("10,112,112")
+    assert D.RecordIODataset(root).num_classes == 10
+
+
+def test_multi_float_labels_use_the_first_value(tmp_path):
+    root = write_rec(tmp_path / "m", [0, 1, 1], label_fn=lambda c: [float(c), 0.25])
+    ds = D.RecordIODataset(root, train=False)
+    assert unpack(ds._reader.read_idx(1))[0].flag == 2
+    assert [int(ds[i][1]) for i in range(3)] == [0, 1, 1] and ds.num_classes == 2
+
+
+def test_image_folder_label_file_and_identity_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [face_like(rng) for _ in range(4)]
+    for name, img in zip(["a b/1.png", "c/2.png", "c/3.png", "d/4.png"], images, strict=True):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / name), img)
+    (tmp_path / "label.txt").write_text("a b/1.png\t1\nc/2.png 0\n\nd/4.png  2\n")
+    ds = D.ImageFolderDataset(tmp_path, train=False)
+    assert len(ds) == 3 and ds.num_classes == 3
+    assert [int(ds[i][1]) for i in range(3)] == [1, 0, 2]
+    np.testing.assert_array_equal(ds[0][0], preprocess(images[0][:, :, ::-1].copy()))
+    (tmp_path / "label.txt").unlink()
+    ds = D.ImageFolderDataset(tmp_path, train=False)  # root/<identity>/<img>, identities sorted
+    assert [int(ds[i][1]) for i in range(4)] == [0, 1, 1, 2] and ds.num_classes == 3
+    np.testing.assert_array_equal(ds[3][0], preprocess(images[3][:, :, ::-1].copy()))
+
+
+def test_build_dataset_and_dataset_dir(tmp_path):
+    rec = write_rec(tmp_path / "rec", [0, 1, 0, 1])
+    assert isinstance(D.build_dataset(cfg_for(rec)), D.RecordIODataset)
+    assert D.dataset_dir(cfg_for(rec)) == rec
+    folder = tmp_path / "folder" / "x"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "1.jpg"), np.zeros((112, 112, 3), np.uint8))
+    assert isinstance(D.build_dataset(cfg_for(folder.parent)), D.ImageFolderDataset)
+    assert D.build_dataset(cfg_for(rec, num_classes=5)).num_classes == 5
+    with pytest.raises(FileNotFoundError, match=r"dataset not found: .*missing"):
+        D.build_dataset(cfg_for(tmp_path / "missing"))
+
+
+def test_synthetic_dataset_is_a_recordio_dataset(tmp_path):
+    synthetic = pytest.importorskip("utils.synthetic")
+    if not hasattr(synthetic, "ensure_synthetic"):
+        pytest.skip("utils.synthetic.ensure_synthetic not written yet")
+    cfg = cfg_for("synthetic", cache_dir=str(tmp_path))
+    ds = D.build_dataset(cfg)
+    assert isinstance(ds, D.SyntheticFaceDataset) and len(ds) == 8 and ds.num_classes == 4
+    assert D.dataset_dir(cfg) == Path(ds.source) and (Path(ds.source) / "synth_val.bin").is_file()
+    image, label = ds[0]
+    assert image.shape == (3, 112, 112) and 0 <= label < 4
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+def test_corrupt_jpeg_warns_with_key_and_substitutes_unless_strict(tmp_path):
+    root = write_rec(tmp_path / "c", [0, 0, 1, 1], payloads={2: b"\xff\xd8 not a jpeg"})
+    ds = D.RecordIODataset(root, train=False)
+    with pytest.warns(UserWarning, match="key 2 is not a decodable image; using sample 2 instead"):
+        image, label = ds[1]
+    np.testing.assert_array_equal(image, ds[2][0])
+    assert label == ds[2][1]
+    with pytest.raises(ValueError, match="key 2 is not a decodable image"):
+        D.RecordIODataset(root, strict=True)[1]
+
+
+def test_label_outside_num_classes_is_an_error(tmp_path):
+    root = write_rec(tmp_path / "l", [0, 1, 5, 1])
+    with pytest.raises(ValueError, match=r"key 3 has label 5 outside \[0, 3\)"):
+        D.RecordIODataset(root, num_classes=3)[2]
+    (tmp_path / "f").mkdir()
+    cv2.imwrite(str(tmp_path / "f" / "a.jpg"), np.zeros((112, 112, 3), np.uint8))
+    (tmp_path / "f" / "label.txt").write_text("a.jpg\t4\n")
+    with pytest.raises(ValueError, match=r"a\.jpg has label 4 outside \[0, 2\)"):
+        D.ImageFolderDataset(tmp_path / "f", num_classes=2)
+    (tmp_path / "f" / "label.txt").write_text("a.jpg\n")
+    with pytest.raises(ValueError, match=r"label\.txt: line 1 is not 'path<TAB>label'"):
+        D.ImageFolderDataset(tmp_path / "f")
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no images found"):
+        D.RecordIODataset(write_rec(tmp_path / "e", [], header=False), num_classes=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        D.ImageFolderDataset(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"train\.rec not found"):
+        D.RecordIODataset(tmp_path / "empty")
+
+
+def test_non_112_images_are_resized_with_one_warning_or_rejected_when_strict(tmp_path):
+    root = write_rec(tmp_path / "r", [0, 1, 0], size=128)
+    ds = D.RecordIODataset(root, train=False)
+    with pytest.warns(UserWarning, match="key 1 is 128x128; resizing images to 112x112") as record:
+        images = [ds[i][0] for i in range(3)]
+    assert len(record) == 1 and all(im.shape == (3, 112, 112) for im in images)
+    resized = cv2.resize(rgb_of(ds, 0), (112, 112), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(images[0], preprocess(resized))
+    with pytest.raises(ValueError, match="key 1 is 128x128, expected 112x112"):
+        D.RecordIODataset(root, strict=True)[0]
+
+
+# -- sampler, loader, resume --------------------------------------------------------------------------------
+def indices(batch):
+    return [i for i, _ in batch]
+
+
+def test_sampler_shards_are_disjoint_deterministic_and_change_per_epoch():
+    shards = [list(D.ShardedBatchSampler(103, 5, rank=r, world_size=3, seed=1)) for r in range(3)]
+    assert all(len(s) == 6 for s in shards)  # 103 // 15 global batches, the tail is dropped
+    flat = [i for s in shards for b in s for i in indices(b)]
+    assert len(flat) == 90 == len(set(flat))
+    assert all(epoch == 0 for s in shards for b in s for _, epoch in b)
+    again = list(D.ShardedBatchSampler(103, 5, rank=1, world_size=3, seed=1))
+    assert again == shards[1]
+    sampler = D.ShardedBatchSampler(103, 5, rank=1, world_size=3, seed=1)
+    sampler.set_epoch(1)
+    assert [indices(b) for b in sampler] != [indices(b) for b in shards[1]]
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        D.ShardedBatchSampler(10, 4, world_size=3)
+
+
+@pytest.fixture(scope="module")
+def small_rec(tmp_path_factory):
+    return write_rec(tmp_path_factory.mktemp("loader") / "d", [k % 5 for k in range(26)])
+
+
+def run(loader, epochs, stop_after=None):
+    """Batches as numpy, epoch by epoch with set_epoch like a training loop; optionally stop early."""
+    out = []
+    for epoch in range(loader.batch_sampler.epoch, epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        for images, labels in loader:
+            out.append((images.numpy(), labels.numpy()))
+            if stop_after is not None and len(out) == stop_after:
+                return out
+    return out
+
+
+def test_loader_batches_equal_the_dataset_and_do_not_depend_on_workers(small_rec):
+    cfg = cfg_for(small_rec)
+    ds = D.RecordIODataset(small_rec, seed=cfg.seed)
+    single = run(D.build_dataloader(cfg, 0, 1, dataset=ds), 2)
+    D.normalise_uint8(np.zeros((64, 3, 112, 112), np.uint8))  # OpenCV's thread pool is live when workers fork
+    multi = run(D.build_dataloader(cfg_for(small_rec, num_workers=2), 0, 1), 2)
+    assert len(single) == 12
+    for (a, la), (b, lb) in zip(single, multi, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+    sampler = D.ShardedBatchSampler(len(ds), cfg.batch_size, seed=cfg.seed)
+    sampler.set_epoch(1)
+    batch = next(iter(sampler))
+    ds.set_epoch(1)
+    np.testing.assert_array_equal(single[6][0], np.stack([ds[i][0] for i in indices(batch)]))
+    assert single[6][0].dtype == np.float32 and single[6][1].dtype == np.int64
+
+
+@pytest.mark.parametrize("stop_after", [3, 6, 8])  # mid-epoch, exactly at the end of epoch 0, mid-epoch 1
+def test_state_dict_resumes_exactly(small_rec, stop_after):
+    cfg = cfg_for(small_rec)
+    uninterrupted = run(D.build_dataloader(cfg, 0, 1), 2)
+    first = D.build_dataloader(cfg, 0, 1)
+    head = run(first, 2, stop_after=stop_after)
+    state = first.batch_sampler.state_dict()
+    resumed = D.build_dataloader(cfg, 0, 1)
+    resumed.batch_sampler.load_state_dict(state)
+    tail = run(resumed, 2)
+    assert len(head) + len(tail) == len(uninterrupted)
+    for (a, la), (b, lb) in zip(head + tail, uninterrupted, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+
+
+def test_resume_with_another_world_size_keeps_the_sample_position():
+    two = [D.ShardedBatchSampler(64, 4, rank=r, world_size=2, seed=0) for r in range(2)]
+    for s in two:
+        s.mark_consumed()
+        s.mark_consumed()  # 2 global batches of 8 = 16 samples consumed
+    one = D.ShardedBatchSampler(64, 8, seed=0)
+    one.load_state_dict(two[0].state_dict())
+    assert one.consumed == 2
+    seen_two = {i for s in two for b in list(s) for i in indices(b)}
+    assert {i for b in one for i in indices(b)} == seen_two
+    odd = D.ShardedBatchSampler(64, 5, seed=0)
+    with pytest.warns(UserWarning, match="samples of the epoch are skipped"):
+        odd.load_state_dict(two[0].state_dict())
+    with pytest.raises(ValueError, match="num_samples=64"):
+        D.ShardedBatchSampler(65, 8, seed=0).load_state_dict(two[0].state_dict())
