@@ -84,7 +84,7 @@ class FaceDataset(paddle.io.Dataset):
 
     def load_uint8(self, index: int, epoch: int) -> tuple[np.ndarray, np.int64]:
         """Sample `index` as (3xHxW uint8 RGB, flipped if training, label): what DataLoader workers produce."""
-        n = len(self)
+        n = self._length
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples in {self.source}")
         for attempt in range(_MAX_SUBSTITUTES):
@@ -102,10 +102,11 @@ class FaceDataset(paddle.io.Dataset):
                               stacklevel=2)
                 continue
             image = self._checked_size(image, name)
-            if self.train and flip_of(self.seed, epoch, index):
-                image = cv2.flip(image, 1)
             chw = np.empty((3, *image.shape[:2]), dtype=np.uint8)
             cv2.split(image, list(chw))
+            if self.train and flip_of(self.seed, epoch, index):
+                rows = chw.reshape(-1, chw.shape[-1])  # mirroring every row of the three planes, in place
+                cv2.flip(rows, 1, dst=rows)
             return chw, np.int64(label)
         raise ValueError(f"{self.source}: {_MAX_SUBSTITUTES} consecutive samples from index {index} are undecodable")
 
@@ -123,7 +124,8 @@ class FaceDataset(paddle.io.Dataset):
         return cv2.resize(image, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
     def _finish(self, num_classes: int | None) -> None:
-        if len(self) == 0:
+        self._length = len(self)
+        if self._length == 0:
             raise ValueError(f"no images found in {self.source}")
         if num_classes is None or num_classes < 1:
             raise ValueError(f"{self.source}: cannot tell the number of classes; pass num_classes=")

@@ -255,6 +255,9 @@ class MXIndexedRecordIO(MXRecordIO):
             order = np.argsort(keys, kind="stable")
             self._key_array, self._offset_array = keys, offsets
             self._sorted_keys, self._sorted_offsets = keys[order], offsets[order]
+            # keys first..first+n-1 (InsightFace sets): the offset of key k is entry k - first, no search
+            dense = len(keys) and self._sorted_keys[-1] - self._sorted_keys[0] == len(keys) - 1
+            self._first_key = int(self._sorted_keys[0]) if dense else None
             self._lookup = None
         else:
             self._key_array, self._offset_array = keys, np.asarray(offsets, dtype=np.int64)
@@ -304,6 +307,11 @@ class MXIndexedRecordIO(MXRecordIO):
             return self._written[self.key_type(key)]
         if self._lookup is not None:
             return self._lookup[key]
+        if self._first_key is not None and isinstance(key, (int, np.integer)):
+            i = int(key) - self._first_key
+            if 0 <= i < len(self._sorted_offsets):
+                return int(self._sorted_offsets[i])
+            raise KeyError(f"key {key} not in {self.idx_path}")
         i = int(np.searchsorted(self._sorted_keys, key, side="right")) - 1  # last of duplicates, as a dict would
         if i < 0 or self._sorted_keys[i] != key:
             raise KeyError(f"key {key} not in {self.idx_path}")

@@ -42,6 +42,7 @@ def test_reads_every_record_of_the_mxnet_fixture(mxnet_dir, expected):
     reader = open_fixture(mxnet_dir)
     assert [[k, reader.offset_of(k)] for k in reader.keys] == expected["idx_entries_in_file_order"]
     assert reader.keys == expected["physical_key_order"]
+    assert 73 not in reader and -1 not in reader and 72 in reader  # dense keys 0..72: direct lookup
     for key, rec in expected["records"].items():
         raw = reader.read_idx(int(key))
         assert (len(raw), md5(raw)) == (rec["record_len"], rec["record_md5"])

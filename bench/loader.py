@@ -1,0 +1,109 @@
+"""Data-pipeline throughput: the bare cv2.imdecode ceiling vs. the training DataLoader with 1 and 2 workers.
+
+    python bench/loader.py [--identities 500 --images-per-id 20 --batch-size 128 --repeats 3]
+
+All three read the same JPEG payloads (the synthetic set's train.rec). The ceiling is one process decoding
+payloads already in memory; the loader figures are steady-state images/s through `dataset.build_dataloader`
+(record read, decode, flip, normalise, batch, hand-over), the first two batches (worker start) excluded.
+CPU microseconds per image (all processes) are printed as well: on a shared machine they are steadier than
+wall-clock rates. Runs are interleaved and each figure is the median over --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+if __package__ in (None, ""):  # run as a script: make the project root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import cv2
+import numpy as np
+
+from config import DEFAULTS
+from dataset import RecordIODataset, build_dataloader
+from mxnet_reader.recordio import unpack
+from utils.synthetic import ensure_synthetic
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (DataLoader workers exit after each epoch)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def ceiling(payloads: list[bytes]) -> tuple[float, float]:
+    """(images/s, CPU us/image) of cv2.imdecode alone on in-memory payloads."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    for payload in payloads:
+        cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    return len(payloads) / wall, cpu / len(payloads) * 1e6
+
+
+def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int) -> tuple[float, float]:
+    """(steady-state images/s, CPU us/image over the whole epoch) through the training DataLoader."""
+    cfg = SimpleNamespace(batch_size=batch_size, num_workers=workers, seed=0)
+    loader = build_dataloader(cfg, rank=0, world_size=1, dataset=ds)
+    loader.batch_sampler.set_epoch(epoch)
+    cpu = cpu_seconds()
+    count, start = 0, None
+    for i, (images, _) in enumerate(loader):
+        if i == 1:  # steady state from the third batch on
+            start = time.perf_counter()
+        elif i > 1:
+            count += images.shape[0]
+    wall = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
+    return count / wall, cpu / (len(loader) * batch_size) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-dir", default=DEFAULTS["cache_dir"])
+    parser.add_argument("--identities", type=int, default=500)
+    parser.add_argument("--images-per-id", type=int, default=20)
+    parser.add_argument("--val-pairs", type=int, default=DEFAULTS["synthetic_val_pairs"])
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    root = ensure_synthetic(args.cache_dir, args.identities, args.images_per_id, args.val_pairs, args.seed)
+    ds = RecordIODataset(root, train=True, seed=args.seed)
+    payloads = [unpack(ds._reader.read_idx(int(key)))[1] for key in ds._keys]
+    ceiling(payloads[:256])  # warm-up
+    runs: dict[str, list[tuple[float, float]]] = {"ceiling": [], "workers1": [], "workers2": []}
+    for repeat in range(args.repeats):
+        runs["ceiling"].append(ceiling(payloads))
+        runs["workers1"].append(loader_rate(ds, args.batch_size, 1, repeat))
+        runs["workers2"].append(loader_rate(ds, args.batch_size, 2, repeat))
+    rate = {name: float(np.median([r[0] for r in values])) for name, values in runs.items()}
+    cpu = {name: float(np.median([r[1] for r in values])) for name, values in runs.items()}
+    result = {
+        "images": len(payloads), "batch_size": args.batch_size, "repeats": args.repeats,
+        "ceiling_img_s": round(rate["ceiling"]), "workers1_img_s": round(rate["workers1"]),
+        "workers2_img_s": round(rate["workers2"]),
+        "workers1_vs_ceiling": round(rate["workers1"] / rate["ceiling"], 3),
+        "workers2_vs_workers1": round(rate["workers2"] / rate["workers1"], 3),
+        "cpu_us_per_img": {name: round(value, 1) for name, value in cpu.items()},
+        "cpu_efficiency_vs_ceiling": round(cpu["ceiling"] / cpu["workers1"], 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(f"{'':<22}{'images/s':>10}{'CPU us/img':>12}")
+    for name, label in (("ceiling", "cv2.imdecode ceiling"), ("workers1", "DataLoader 1 worker"),
+                        ("workers2", "DataLoader 2 workers")):
+        print(f"{label:<22}{rate[name]:>10.0f}{cpu[name]:>12.1f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
