@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import paddle
 from paddle import nn
+from paddle.autograd import PyLayer
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -79,15 +81,51 @@ def batch_norm_1d(features: int, frozen_weight: bool = False) -> BatchNorm1D:
     return BatchNorm1D(features, momentum=0.9, epsilon=1e-5, weight_attr=weight)
 
 
+class _NumpyPReLU(PyLayer):
+    """PReLU on CPU computed in NumPy on zero-copy DLPack views.
+
+    Paddle's CPU prelu kernels are scalar loops with a division per element: forward and backward cost
+    ~25% of an mbf training step. NumPy's vectorised passes are 4-8x faster forward, 3-4x backward
+    (bench/results_backbones.md). Same convention as F.prelu and torch at x == 0 (negative branch).
+    """
+
+    @staticmethod
+    def forward(ctx, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+        ctx.save_for_backward(x, weight)
+        xn = np.from_dlpack(x.detach())
+        slope = np.from_dlpack(weight.detach()).reshape(1, -1, *([1] * (xn.ndim - 2)))
+        out = np.minimum(xn, 0)  # x + (a - 1) * min(x, 0)
+        out *= slope - 1
+        out += xn
+        return paddle.from_dlpack(out)
+
+    @staticmethod
+    def backward(ctx, grad: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        x, weight = ctx.saved_tensor()
+        xn, gn = np.from_dlpack(x.detach()), np.from_dlpack(grad.detach())
+        slope = np.from_dlpack(weight.detach()).reshape(1, -1, *([1] * (xn.ndim - 2)))
+        grad_neg = np.where(xn > 0, 0, gn)
+        n, c = xn.shape[:2]
+        grad_weight = np.einsum("ncs,ncs->c", grad_neg.reshape(n, c, -1), xn.reshape(n, c, -1))
+        grad_neg *= slope - 1  # grad_x = g + (a - 1) * g * [x <= 0]
+        grad_neg += gn
+        return paddle.from_dlpack(grad_neg), paddle.from_dlpack(grad_weight)
+
+
 class PReLU(nn.Layer):
     """Per-channel PReLU (init 0.25) whose parameter is called `weight`, as in torch (Paddle's is `_weight`).
 
-    F.prelu is Paddle's fused kernel: measured faster than relu(x) - a*relu(-x), where() or maximum/minimum forms.
+    Dygraph float32 on CPU runs the NumPy kernel above (unless `numpy_on_cpu` is switched off, for comparisons);
+    GPU, AMP and static graphs (export) use F.prelu.
     """
+
+    numpy_on_cpu = True
 
     def __init__(self, channels: int):
         super().__init__()
         self.weight = self.create_parameter([channels], default_initializer=nn.initializer.Constant(0.25))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.numpy_on_cpu and paddle.in_dynamic_mode() and x.place.is_cpu_place() and x.dtype == paddle.float32:
+            return _NumpyPReLU.apply(x, self.weight)
         return nn.functional.prelu(x, self.weight)

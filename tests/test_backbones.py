@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from backbones import NETWORKS, get_model
-from backbones.layers import batch_norm_1d, batch_norm_2d, scaled_channels
+from backbones.layers import PReLU, batch_norm_1d, batch_norm_2d, scaled_channels
 from backbones.summary import count_macs, count_parameters
 from paddle_pretrainedmodel.convert_torch import convert_state_dict, paddle_name
 from tests.conftest import SHARED
@@ -135,3 +135,56 @@ def test_width_scales_channels_to_valid_groups(width: float) -> None:
 def test_bad_arguments_fail_clearly(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         get_model(**kwargs)
+
+
+def test_numpy_prelu_equals_paddle_prelu() -> None:
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(size=(3, 5, 4, 4)).astype(np.float32)
+    x_np[0, :, 0, 0] = 0.0  # the tie: both take the negative branch's gradient
+    layer = PReLU(5)
+    layer.weight.set_value(rng.uniform(-0.3, 0.6, 5).astype(np.float32))
+    grad_out = paddle.to_tensor(rng.normal(size=x_np.shape).astype(np.float32))
+    results = []
+    for numpy_path in (True, False):
+        layer.numpy_on_cpu = numpy_path
+        x = paddle.to_tensor(x_np, stop_gradient=False)
+        y = layer(x)
+        results.append([y.numpy(), *(g.numpy() for g in paddle.grad([y], [x, layer.weight], [grad_out]))])
+    for fast, plain in zip(*results, strict=True):
+        np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mbf", "r18"])
+def test_fast_paths_give_plain_dygraph_gradients(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole network with the NumPy PReLU: first-step gradients and a 3-step loss curve equal F.prelu's.
+
+    Tolerances are float32 summation-order noise: each gradient within 1e-4 of its own scale plus 1e-6 of the
+    largest gradient (BN biases followed by another BN have mathematically zero gradients: pure noise).
+    """
+    rng = np.random.default_rng(1)
+    x = paddle.to_tensor(rng.normal(size=(4, 3, 112, 112)).astype(np.float32))
+    target = paddle.to_tensor(rng.normal(size=(4, 16)).astype(np.float32))
+    runs = []
+    for numpy_path in (True, False):
+        monkeypatch.setattr(PReLU, "numpy_on_cpu", numpy_path)
+        paddle.seed(0)
+        model = get_model(name, width=0.25, num_features=16)
+        optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
+        losses, first_grads = [], None
+        for _ in range(3):
+            loss = (model(x) - target).square().mean()
+            loss.backward()
+            first_grads = first_grads or {k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None}
+            optimizer.step()
+            optimizer.clear_grad()
+            losses.append(float(loss))
+        runs.append((losses, first_grads))
+    (fast_losses, fast_grads), (plain_losses, plain_grads) = runs
+    # batch-4 BatchNorm training is chaotic: a 1e-6 input perturbation moves the plain path's 3rd loss by 4e-4
+    np.testing.assert_allclose(fast_losses, plain_losses, rtol=2e-3)
+    assert fast_losses[-1] < fast_losses[0]
+    scale = max(np.abs(g).max() for g in plain_grads.values())
+    assert fast_grads.keys() == plain_grads.keys() and len(plain_grads) > 50
+    for key, plain in plain_grads.items():
+        np.testing.assert_allclose(fast_grads[key], plain, rtol=0, atol=1e-4 * np.abs(plain).max() + 1e-6 * scale,
+                                   err_msg=key)
