@@ -426,9 +426,11 @@ class FaceDataLoader(paddle.io.DataLoader):
     """
 
     def __iter__(self):
+        on_gpu = paddle.device.get_device().startswith("gpu")  # batches are built on the CPU (places=CPUPlace)
         for images, labels in super().__iter__():
             self.batch_sampler.mark_consumed()
-            yield from_dlpack(normalise_uint8(np.from_dlpack(images))), labels  # no copies into or out of Paddle
+            images = from_dlpack(normalise_uint8(np.from_dlpack(images)))  # no copies into or out of Paddle
+            yield (images.cuda(), labels.cuda()) if on_gpu else (images, labels)
 
 
 def build_dataloader(cfg: Any, rank: int, world_size: int, dataset: FaceDataset | None = None) -> FaceDataLoader:
@@ -439,8 +441,8 @@ def build_dataloader(cfg: Any, rank: int, world_size: int, dataset: FaceDataset 
     # No worker_init_fn: the dataset carries everything a worker needs (the reader reopens its file per
     # process), and cv2.setNumThreads in a forked worker deadlocked here once the parent had used OpenCV threads.
     # Workers only make single-threaded OpenCV calls on 112x112 images.
-    return FaceDataLoader(_UInt8Samples(dataset), batch_sampler=sampler, collate_fn=_collate,
-                          num_workers=cfg.num_workers)
+    return FaceDataLoader(_UInt8Samples(dataset), places=paddle.CPUPlace(), batch_sampler=sampler,
+                          collate_fn=_collate, num_workers=cfg.num_workers)
 
 
 __all__ = [
