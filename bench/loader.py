@@ -6,7 +6,8 @@ All three read the same JPEG payloads (the synthetic set's train.rec). The ceili
 payloads already in memory; the loader figures are steady-state images/s through `dataset.build_dataloader`
 (record read, decode, flip, normalise, batch, hand-over), the first two batches (worker start) excluded.
 CPU microseconds per image (all processes) are printed as well: on a shared machine they are steadier than
-wall-clock rates. Runs are interleaved and each figure is the median over --repeats.
+wall-clock rates. For comparison, the last row hands float32 batches from the worker (normalised there) instead
+of uint8 ones. Runs are interleaved and each figure is the median over --repeats.
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 import cv2
 import numpy as np
+import paddle
 
 from config import DEFAULTS
-from dataset import RecordIODataset, build_dataloader
+from dataset import (
+    RecordIODataset,
+    ShardedBatchSampler,
+    _collate,
+    _UInt8Samples,
+    build_dataloader,
+    normalise_uint8,
+)
 from mxnet_reader.recordio import unpack
 from utils.synthetic import ensure_synthetic
 
@@ -49,10 +58,24 @@ def ceiling(payloads: list[bytes]) -> tuple[float, float]:
     return len(payloads) / wall, cpu / len(payloads) * 1e6
 
 
-def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int) -> tuple[float, float]:
+def float32_from_workers(ds: RecordIODataset, batch_size: int, workers: int) -> paddle.io.DataLoader:
+    """The alternative design, for comparison: workers normalise and hand over float32 batches (4x the bytes)."""
+    def collate(samples: list) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = _collate(samples)
+        return normalise_uint8(images), labels
+
+    sampler = ShardedBatchSampler(len(ds), batch_size, seed=0)
+    return paddle.io.DataLoader(_UInt8Samples(ds), places=paddle.CPUPlace(), batch_sampler=sampler,
+                                collate_fn=collate, num_workers=workers)
+
+
+def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int,
+                float32_transport: bool = False) -> tuple[float, float]:
     """(steady-state images/s, CPU us/image over the whole epoch) through the training DataLoader."""
-    cfg = SimpleNamespace(batch_size=batch_size, num_workers=workers, seed=0)
-    loader = build_dataloader(cfg, rank=0, world_size=1, dataset=ds)
+    if float32_transport:
+        loader = float32_from_workers(ds, batch_size, workers)
+    else:
+        loader = build_dataloader(SimpleNamespace(batch_size=batch_size, num_workers=workers, seed=0), 0, 1, ds)
     loader.batch_sampler.set_epoch(epoch)
     cpu = cpu_seconds()
     count, start = 0, None
@@ -81,17 +104,18 @@ def main() -> None:
     ds = RecordIODataset(root, train=True, seed=args.seed)
     payloads = [unpack(ds._reader.read_idx(int(key)))[1] for key in ds._keys]
     ceiling(payloads[:256])  # warm-up
-    runs: dict[str, list[tuple[float, float]]] = {"ceiling": [], "workers1": [], "workers2": []}
+    runs: dict[str, list[tuple[float, float]]] = {"ceiling": [], "workers1": [], "workers2": [], "float32_1": []}
     for repeat in range(args.repeats):
         runs["ceiling"].append(ceiling(payloads))
         runs["workers1"].append(loader_rate(ds, args.batch_size, 1, repeat))
         runs["workers2"].append(loader_rate(ds, args.batch_size, 2, repeat))
+        runs["float32_1"].append(loader_rate(ds, args.batch_size, 1, repeat, float32_transport=True))
     rate = {name: float(np.median([r[0] for r in values])) for name, values in runs.items()}
     cpu = {name: float(np.median([r[1] for r in values])) for name, values in runs.items()}
     result = {
         "images": len(payloads), "batch_size": args.batch_size, "repeats": args.repeats,
         "ceiling_img_s": round(rate["ceiling"]), "workers1_img_s": round(rate["workers1"]),
-        "workers2_img_s": round(rate["workers2"]),
+        "workers2_img_s": round(rate["workers2"]), "float32_handover_workers1_img_s": round(rate["float32_1"]),
         "workers1_vs_ceiling": round(rate["workers1"] / rate["ceiling"], 3),
         "workers2_vs_workers1": round(rate["workers2"] / rate["workers1"], 3),
         "cpu_us_per_img": {name: round(value, 1) for name, value in cpu.items()},
@@ -100,7 +124,7 @@ def main() -> None:
     }
     print(f"{'':<22}{'images/s':>10}{'CPU us/img':>12}")
     for name, label in (("ceiling", "cv2.imdecode ceiling"), ("workers1", "DataLoader 1 worker"),
-                        ("workers2", "DataLoader 2 workers")):
+                        ("workers2", "DataLoader 2 workers"), ("float32_1", "(float32 hand-over, 1)")):
         print(f"{label:<22}{rate[name]:>10.0f}{cpu[name]:>12.1f}")
     print(json.dumps(result))
 
