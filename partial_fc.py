@@ -127,7 +127,7 @@ class _AllGather(paddle.autograd.PyLayer):
     def forward(ctx: Any, tensor: paddle.Tensor) -> paddle.Tensor:
         parts: list[paddle.Tensor] = []
         dist.all_gather(parts, tensor)
-        ctx.batch = tensor.shape[0]
+        ctx.batch, ctx.dtype = tensor.shape[0], tensor.dtype
         return paddle.concat(parts)
 
     @staticmethod
@@ -135,7 +135,7 @@ class _AllGather(paddle.autograd.PyLayer):
         grad = grad.astype("float32")  # gloo/nccl fp16 sums overflow
         dist.all_reduce(grad)
         rank, world = _world()
-        return grad[rank * ctx.batch:(rank + 1) * ctx.batch] * world
+        return (grad[rank * ctx.batch:(rank + 1) * ctx.batch] * world).astype(ctx.dtype)
 
 
 class PartialFC:
@@ -181,7 +181,9 @@ class PartialFC:
         self.batch_size: int | None = None
         self._pending: _HeadGrad | None = None
         self._spare: dict[str, np.ndarray] = {}
-        self.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # worker threads of the NumPy head: this host's cores shared by its ranks (the launcher's PADDLE_LOCAL_SIZE)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = max(1, cores // int(os.environ.get("PADDLE_LOCAL_SIZE", "1")))
         self._pool: ThreadPoolExecutor | None = None
         self._gpu = _use_gpu_kernels() and optimizer == "sgd"
         if self._gpu:
