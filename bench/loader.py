@@ -7,7 +7,8 @@ payloads already in memory; the loader figures are steady-state images/s through
 (record read, decode, flip, normalise, batch, hand-over), the first two batches (worker start) excluded.
 CPU microseconds per image (all processes) are printed as well: on a shared machine they are steadier than
 wall-clock rates. For comparison, the last row hands float32 batches from the worker (normalised there) instead
-of uint8 ones. Runs are interleaved and each figure is the median over --repeats.
+of uint8 ones, and `cpu_us_per_img_in_process` times the dataset's own steps without a DataLoader
+(decode, record read, the whole uint8 sample, normalisation). Runs are interleaved; figures are medians.
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ def ceiling(payloads: list[bytes]) -> tuple[float, float]:
         cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     return len(payloads) / wall, cpu / len(payloads) * 1e6
+
+
+def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> dict[str, float]:
+    """CPU us/image of the dataset's own steps in this process (no DataLoader): where a worker's time goes."""
+    n = len(payloads) - len(payloads) % batch_size
+    batch = np.stack([ds.load_uint8(i, 0)[0] for i in range(batch_size)])
+    steps = {  # each result is dropped at once, as a training loop drops its batches
+        "decode": (lambda p: cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR), payloads[:n]),
+        "read_record": (ds._sample, range(n)),
+        "load_uint8": (lambda i: ds.load_uint8(i, 0), range(n)),
+        "normalise": (lambda _: normalise_uint8(batch), range(n // batch_size)),
+    }
+    result = {}
+    for name, (step, items) in steps.items():
+        cpu = cpu_seconds()
+        for item in items:
+            step(item)
+        result[name] = round((cpu_seconds() - cpu) / n * 1e6, 1)
+    return result
 
 
 def float32_from_workers(ds: RecordIODataset, batch_size: int, workers: int) -> paddle.io.DataLoader:
@@ -120,6 +140,7 @@ def main() -> None:
         "workers2_vs_workers1": round(rate["workers2"] / rate["workers1"], 3),
         "cpu_us_per_img": {name: round(value, 1) for name, value in cpu.items()},
         "cpu_efficiency_vs_ceiling": round(cpu["ceiling"] / cpu["workers1"], 3),
+        "cpu_us_per_img_in_process": breakdown(ds, payloads, args.batch_size),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(f"{'':<22}{'images/s':>10}{'CPU us/img':>12}")
