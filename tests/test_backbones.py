@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import paddle
 import pytest
 
-from backbones import NETWORKS, get_model
+from backbones import NETWORKS, cpu, get_model
 from backbones.layers import PReLU, batch_norm_1d, batch_norm_2d, scaled_channels
 from backbones.summary import count_macs, count_parameters
 from paddle_pretrainedmodel.convert_torch import convert_state_dict, paddle_name
@@ -188,3 +189,13 @@ def test_fast_paths_give_plain_dygraph_gradients(name: str, monkeypatch: pytest.
     for key, plain in plain_grads.items():
         np.testing.assert_allclose(fast_grads[key], plain, rtol=0, atol=1e-4 * np.abs(plain).max() + 1e-6 * scale,
                                    err_msg=key)
+
+
+def test_avx2_mkl_is_requested_on_amd_only_and_never_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: "GenuineIntel")
+    assert not cpu.prefer_avx2_mkl() and "MKL_DEBUG_CPU_TYPE" not in os.environ
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cpu.prefer_avx2_mkl() and os.environ["MKL_DEBUG_CPU_TYPE"] == "5"
+    monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "")  # the user's opt-out
+    assert not cpu.prefer_avx2_mkl() and os.environ["MKL_DEBUG_CPU_TYPE"] == ""

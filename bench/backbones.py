@@ -1,0 +1,185 @@
+"""Backbone speed on CPU: training step, inference latency and throughput, Paddle dygraph vs the torch reference.
+
+    python bench/backbones.py --networks mbf,r18,r50 --steps 5 --threads 2
+
+Per network, interleaved repetition by repetition so that load from other jobs hits every variant alike:
+- train: one step = forward + backward + momentum-SGD step of backbone + a Linear(512, 1000) softmax head, batch 32
+- latency: eval-mode forward of one image (ms); throughput: eval-mode forward of a batch of 64 (images/s)
+Variants: `paddle` (this project's dygraph), `paddle-F.prelu` (same with Paddle's own PReLU kernel, --plain),
+`torch` (tests/torch_reference.py with torch's eager CPU kernels, skipped if torch is missing). Medians are printed
+as a table, ratios against `paddle`, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CLASSES = 1000
+
+
+def paddle_runner(name: str, batch: int, numpy_prelu: bool) -> dict[str, Callable[[], None]]:
+    import numpy as np
+    import paddle
+
+    from backbones import get_model
+    from backbones.layers import PReLU
+
+    paddle.seed(0)
+    model = get_model(name)
+    head = paddle.nn.Linear(512, CLASSES)
+    params = model.parameters() + head.parameters()
+    optimizer = paddle.optimizer.Momentum(0.1, 0.9, parameters=params, weight_decay=5e-4)
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.normal(size=(batch, 3, 112, 112)).astype(np.float32))
+    y = paddle.to_tensor(rng.integers(0, CLASSES, batch))
+    x1, x64 = x[:1], paddle.to_tensor(rng.normal(size=(64, 3, 112, 112)).astype(np.float32))
+
+    def use_prelu(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            PReLU.numpy_on_cpu = numpy_prelu
+            try:
+                fn()
+            finally:
+                PReLU.numpy_on_cpu = True
+        return run
+
+    def train() -> None:
+        model.train()
+        loss = paddle.nn.functional.cross_entropy(head(model(x)), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        float(loss)
+
+    def infer(inputs: paddle.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            model.eval()
+            with paddle.no_grad():
+                model(inputs).numpy()
+        return run
+
+    return {"train": use_prelu(train), "latency": use_prelu(infer(x1)), "throughput": use_prelu(infer(x64))}
+
+
+def torch_runner(name: str, batch: int) -> dict[str, Callable[[], None]]:
+    import torch
+
+    from tests.torch_reference import get_torch_model
+
+    torch.manual_seed(0)
+    model = get_torch_model(name)
+    head = torch.nn.Linear(512, CLASSES)
+    optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 112, 112, generator=generator)
+    y = torch.randint(0, CLASSES, (batch,), generator=generator)
+    x64 = torch.randn(64, 3, 112, 112, generator=generator)
+
+    def train() -> None:
+        model.train()
+        loss = torch.nn.functional.cross_entropy(head(model(x)), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        float(loss)
+
+    def infer(inputs: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            model.eval()
+            with torch.no_grad():
+                model(inputs).numpy()
+        return run
+
+    return {"train": train, "latency": infer(x[:1]), "throughput": infer(x64)}
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_network(name: str, variants: dict[str, dict[str, Callable[[], None]]], steps: int,
+                  latency_runs: int) -> dict[str, dict[str, float]]:
+    """Median seconds per task and variant; every repetition runs each variant once, in turn."""
+    repeats = {"train": steps, "latency": latency_runs, "throughput": max(1, steps // 2)}
+    result: dict[str, dict[str, float]] = {v: {} for v in variants}
+    for task, count in repeats.items():
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        for runner in variants.values():
+            runner[task]()  # warm-up
+        for _ in range(count):
+            for variant, runner in variants.items():
+                samples[variant].append(timed(runner[task]))
+        for variant, values in samples.items():
+            result[variant][task] = statistics.median(values)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", default="mbf,r18,r50")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (median); throughput uses half")
+    parser.add_argument("--latency-runs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plain", action="store_true", help="also time Paddle's own PReLU kernel (F.prelu)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch reference")
+    args = parser.parse_args(argv)
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by Paddle's and torch's runtimes at import
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    import paddle
+
+    from backbones import NETWORKS
+
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            print("torch not installed: Paddle only", file=sys.stderr)
+    networks = [n for n in args.networks.split(",") if n]
+    unknown = [n for n in networks if n not in NETWORKS]
+    if unknown:
+        parser.error(f"unknown network(s) {', '.join(unknown)}")
+
+    rows = []
+    header = (f"{'network':<10}{'variant':<16}{'train step s':>13}{'img/s':>8}{'latency b1 ms':>15}"
+              f"{'b64 img/s':>11}   speed vs paddle (train / b1 / b64)")
+    print(f"# paddle {paddle.__version__}" + (f", torch {torch.__version__}" if torch else "")
+          + f", {args.threads} threads, batch {args.batch_size}, medians", flush=True)
+    print(header, flush=True)
+    for name in networks:
+        variants = {"paddle": paddle_runner(name, args.batch_size, numpy_prelu=True)}
+        if args.plain:
+            variants["paddle-F.prelu"] = paddle_runner(name, args.batch_size, numpy_prelu=False)
+        if torch is not None:
+            variants["torch"] = torch_runner(name, args.batch_size)
+        result = bench_network(name, variants, args.steps, args.latency_runs)
+        base = result["paddle"]
+        for variant, r in result.items():
+            ratios = " / ".join(f"{base[t] / r[t]:.2f}x" for t in ("train", "latency", "throughput"))
+            print(f"{name:<10}{variant:<16}{r['train']:>13.2f}{args.batch_size / r['train']:>8.1f}"
+                  f"{r['latency'] * 1e3:>15.1f}{64 / r['throughput']:>11.1f}   {ratios}", flush=True)
+            rows.append({"network": name, "variant": variant, "train_step_s": round(r["train"], 4),
+                         "latency_b1_ms": round(r["latency"] * 1e3, 2),
+                         "throughput_b64_img_s": round(64 / r["throughput"], 2)})
+        del variants
+    print(json.dumps({"bench": "backbones", "threads": args.threads, "batch_size": args.batch_size,
+                      "steps": args.steps, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
