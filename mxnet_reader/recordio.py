@@ -249,20 +249,20 @@ class MXIndexedRecordIO(MXRecordIO):
         if not os.path.isfile(self.idx_path):
             raise FileNotFoundError(f"RecordIO index not found: {self.idx_path}")
         keys, offsets = _parse_idx(self.idx_path, self.key_type)
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self._validate_offsets(keys, offsets)
         if self.key_type is int:
-            keys = np.asarray(keys, dtype=np.int64)
-            offsets = np.asarray(offsets, dtype=np.int64)
+            self._key_array = keys = np.ascontiguousarray(keys, dtype=np.int64)
             order = np.argsort(keys, kind="stable")
-            self._key_array, self._offset_array = keys, offsets
-            self._sorted_keys, self._sorted_offsets = keys[order], offsets[order]
+            sorted_keys, self._sorted_offsets = keys[order], offsets[order]
             # keys first..first+n-1 (InsightFace sets): the offset of key k is entry k - first, no search
-            dense = len(keys) and self._sorted_keys[-1] - self._sorted_keys[0] == len(keys) - 1
-            self._first_key = int(self._sorted_keys[0]) if dense else None
+            dense = len(keys) and sorted_keys[-1] - sorted_keys[0] == len(keys) - 1
+            self._first_key = int(sorted_keys[0]) if dense else None
+            self._sorted_keys = None if dense else sorted_keys
             self._lookup = None
         else:
-            self._key_array, self._offset_array = keys, np.asarray(offsets, dtype=np.int64)
-            self._lookup = dict(zip(keys, offsets, strict=True))  # duplicate keys: the last line wins, as in mxnet
-        self._validate_offsets()
+            self._key_array = keys
+            self._lookup = dict(zip(keys, offsets.tolist(), strict=True))  # duplicates: the last wins, as mxnet
 
     def close(self) -> None:
         if self.is_open and self.flag == "w":
@@ -335,22 +335,21 @@ class MXIndexedRecordIO(MXRecordIO):
         self._fidx.write(f"{key}\t{pos}\n")
         self._written[key] = pos
 
-    def _validate_offsets(self) -> None:
+    def _validate_offsets(self, keys: Any, offsets: np.ndarray) -> None:
         """Cheap, sound checks at open: alignment and bounds of every offset, the magic at a spread sample of
         offsets, and a complete last record. Every later read checks its own framing."""
-        offsets = self._offset_array
         if len(offsets) == 0:
             return
         bad = np.flatnonzero((offsets % 4 != 0) | (offsets < 0) | (offsets + 8 > self._size))
         if len(bad):
             i = int(bad[0])
-            key, off = self._key_array[i], int(offsets[i])
+            key, off = keys[i], int(offsets[i])
             what = "not 4-byte aligned, so not a record boundary" if off % 4 else f"past the end ({self._size} bytes)"
             raise RecordIOError(f"{self.idx_path}: key {key} has offset {off} in {self.uri}, {what}")
         sample = np.unique(np.linspace(0, len(offsets) - 1, min(len(offsets), _OPEN_CHECK_SAMPLES)).astype(np.int64))
         last = int(np.argmax(offsets))
         for i in [*sample.tolist(), last]:
-            key = self._key_array[i]
+            key = keys[i]
             try:
                 self._read_record(int(offsets[i]), key) if i == last else self._check_frame(int(offsets[i]), key)
             except RecordIOError as err:
