@@ -92,7 +92,7 @@ class FaceDataset(paddle.io.Dataset):
 
     def load_uint8(self, index: int, epoch: int) -> tuple[np.ndarray, np.int64]:
         """Sample `index` as (3xHxW uint8 RGB, flipped if training, label): what DataLoader workers produce."""
-        n = self._length
+        n, index = self._length, int(index)  # NumPy integers too
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples in {self.source}")
         for attempt in range(_MAX_SUBSTITUTES):

@@ -77,7 +77,9 @@ def test_training_flips_depend_on_seed_epoch_and_index(shared_fixtures):
     ds.set_epoch(1)
     assert [D.flip_of(3, 1, i) for i in range(len(ds))] != flips
     assert [D.flip_of(4, 0, i) for i in range(len(ds))] != flips
-    np.testing.assert_array_equal(ds[2][0], preprocess(rgb_of(ds, 2), flip=D.flip_of(3, 1, 2)))
+    np.testing.assert_array_equal(ds[np.int64(2)][0], preprocess(rgb_of(ds, 2), flip=D.flip_of(3, 1, 2)))
+    with pytest.raises(IndexError, match="index 60 out of range for 60 samples"):
+        ds[60]
 
 
 def test_normalise_uint8_equals_preprocess():
