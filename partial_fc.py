@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 _SHARD_FILES = {"weight": "softmax_weight", "momentum": "softmax_mom", "exp_avg": "softmax_exp_avg",
                 "exp_avg_sq": "softmax_exp_avg_sq"}
 _INIT_BLOCK = 4096    # rows per seeded block of the initial matrix: the same full matrix for any world size
-_BLOCK = 8192         # class rows per parallel task (forward, backward and update work on row blocks)
+_BLOCK = 4096         # class rows per parallel task: small enough to balance 2 threads on a busy machine
 _NORM_EPS = 1e-12     # as paddle/torch normalize
 _BLAS_LIMIT = ThreadpoolController()  # BLAS runs single-threaded inside the head's own thread pool
 _EXP_FLOOR = -57.0    # exp(logit - max) floor: e^-57 = 1.8e-25 keeps every product above float32's denormals
