@@ -223,3 +223,22 @@ def test_bad_inputs_raise_clear_errors() -> None:
             PartialFC(margin, **{"embedding_size": D, "num_classes": C, **kwargs})
     with pytest.raises(ValueError, match="lr=nan"):
         pfc.step(float("nan"))
+
+
+def test_row_blocks_on_several_threads_give_the_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head splits classes into blocks run on a thread pool; tiny blocks must change nothing but rounding."""
+    margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=0.3, grad="exact")
+    emb, labels = _batch(6)
+    results = []
+    for block, threads in [(4096, 1), (7, 3)]:
+        monkeypatch.setattr("partial_fc._BLOCK", block)
+        pfc = PartialFC(margin, D, C, sample_rate=0.6, seed=2)
+        pfc.threads = threads
+        loss, grad_emb = _run(pfc, emb, labels)
+        idx, grad_w = pfc.pending_gradient()
+        pfc.step(0.1)
+        results.append((loss, grad_emb, idx, grad_w, pfc.weight.copy(), pfc.opt_state["momentum"].copy()))
+    (loss_a, *arrays_a), (loss_b, *arrays_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for a, b in zip(arrays_a, arrays_b, strict=True):
+        _close(b, a, tol=1e-6)
