@@ -242,3 +242,28 @@ def test_row_blocks_on_several_threads_give_the_same_results(monkeypatch: pytest
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     for a, b in zip(arrays_a, arrays_b, strict=True):
         _close(b, a, tol=1e-6)
+
+
+def test_load_reshards_from_any_world_size(tmp_path: Path) -> None:
+    """Shards written as a 3-rank run would (documented file names + manifest) load into one process."""
+    rng = np.random.default_rng(8)
+    full = {"weight": rng.standard_normal((C, D)).astype(np.float32),
+            "mom": rng.standard_normal((C, D)).astype(np.float32)}
+    shards = [dict(zip(("class_start", "num_local"), shard_range(C, 3, r), strict=True)) for r in range(3)]
+    for r, shard in enumerate(shards):
+        rows = slice(shard["class_start"], shard["class_start"] + shard["num_local"])
+        for name, array in full.items():
+            np.save(tmp_path / f"softmax_{name}.r{r}.npy", array[rows])
+    manifest = {"format": "partial_fc/1", "world_size": 3, "num_classes": C, "embedding_size": D, "dtype": "float32",
+                "optimizer": "sgd", "arrays": {"weight": "softmax_weight", "momentum": "softmax_mom"},
+                "num_updates": 5, "num_draws": 7, "shards": shards}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C)
+    pfc.load(tmp_path)
+    np.testing.assert_array_equal(pfc.weight, full["weight"])
+    np.testing.assert_array_equal(pfc.opt_state["momentum"], full["mom"])
+    assert (pfc.num_updates, pfc.num_draws) == (5, 7)
+    manifest["shards"][1]["num_local"] += 1
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not the contiguous split"):
+        pfc.load(tmp_path)
