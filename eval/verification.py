@@ -35,8 +35,8 @@ from tqdm import tqdm
 from eval.bin_io import BinSet, load_bin
 from utils.image import preprocess_batch
 
-__all__ = ["ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "BinSet", "describe", "embed_views", "evaluate", "load_bin",
-           "pair_distances", "test"]
+__all__ = ["ACCURACY_THRESHOLDS", "VAL_THRESHOLDS", "BinSet", "describe", "embed_images", "embed_views", "evaluate",
+           "load_bin", "pair_distances", "score", "test"]
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -148,6 +148,53 @@ def describe(binset: BinSet) -> str:
     return f"{Path(binset.path).name} ({binset.num_pairs} pairs, sha {binset.checksum})"
 
 
+def embed_images(images: np.ndarray, model, batch_size: int = 64, flip: bool = True, progress: bool = True,
+                 desc: str = "embed") -> tuple[np.ndarray, np.ndarray]:
+    """NxHxWx3 uint8 RGB -> (image + mirror embeddings summed, [N, D] float64; L2 norms of every raw view).
+
+    Batches with a progress bar, the tail batch simply smaller; eval mode without gradients, the model's previous
+    mode restored afterwards.
+    """
+    import paddle
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not len(images):
+        raise ValueError("no images to embed")
+    summed, norms = None, []
+    was_training = model.training
+    model.eval()
+    try:
+        with paddle.no_grad():
+            for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress,
+                              leave=False):
+                views = embed_views(model, images[start:start + batch_size], flip)
+                if summed is None:
+                    summed = np.zeros((len(images), views[0].shape[1]), dtype=np.float64)
+                for view in views:
+                    summed[start:start + len(view)] += view
+                    norms.append(np.linalg.norm(view.astype(np.float64), axis=1))
+    finally:
+        if was_training:
+            model.train()
+    return summed, np.concatenate(norms)
+
+
+def score(binset: BinSet, summed: np.ndarray, norms: np.ndarray, seconds: float, nrof_folds: int = 10,
+          far_target: float = 1e-3, log: logging.Logger | None = None) -> dict[str, Any]:
+    """Summed embeddings of a whole set -> L2-normalise -> `evaluate`, plus xnorm, name, checksum; one log line."""
+    if not np.isfinite(summed).all():
+        raise ValueError(f"{describe(binset)}: the model produced NaN/Inf embeddings")
+    embeddings = normalize(summed)
+    result = evaluate(embeddings, binset.issame, nrof_folds=nrof_folds, far_target=far_target)
+    result.update(name=binset.name, checksum=binset.checksum, xnorm=float(np.mean(norms)), embeddings=embeddings,
+                  seconds=seconds)
+    (log or logger).info("%s: accuracy %.5f +- %.5f, VAL@FAR=%g %.5f +- %.5f (FAR %.2e), xnorm %.3f, %.1f s",
+                         describe(binset), result["accuracy_mean"], result["accuracy_std"], far_target,
+                         result["val"], result["val_std"], result["far"], result["xnorm"], seconds)
+    return result
+
+
 def test(binset: BinSet, model, batch_size: int = 64, flip: bool = True, nrof_folds: int = 10,
          far_target: float = 1e-3, progress: bool = True, log: logging.Logger | None = None) -> dict[str, Any]:
     """Flip test of `model` on a .bin set: embed (+ mirror), sum, L2-normalise, `evaluate`.
@@ -156,39 +203,6 @@ def test(binset: BinSet, model, batch_size: int = 64, flip: bool = True, nrof_fo
     embeddings (the normalised [2N, D] float64 rows that were evaluated), name, checksum, seconds. The model is run
     in eval mode without gradients and put back into its previous mode.
     """
-    import paddle
-
-    log = log or logger
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = binset.images
     start_time = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    summed, norm_sum, norm_count = None, 0.0, 0
-    try:
-        with paddle.no_grad():
-            for start in tqdm(range(0, len(images), batch_size), desc=f"verify {Path(binset.path).name}",
-                              unit="batch", disable=not progress, leave=False):
-                views = embed_views(model, images[start:start + batch_size], flip)
-                if summed is None:
-                    summed = np.zeros((len(images), views[0].shape[1]), dtype=np.float64)
-                for view in views:
-                    summed[start:start + len(view)] += view
-                    norm_sum += float(np.linalg.norm(view.astype(np.float64), axis=1).sum())
-                    norm_count += len(view)
-    finally:
-        if was_training:
-            model.train()
-    if summed is None:
-        raise ValueError(f"{describe(binset)}: no images")
-    if not np.isfinite(summed).all():
-        raise ValueError(f"{describe(binset)}: the model produced NaN/Inf embeddings")
-    embeddings = normalize(summed)
-    result = evaluate(embeddings, binset.issame, nrof_folds=nrof_folds, far_target=far_target)
-    result.update(name=binset.name, checksum=binset.checksum, xnorm=norm_sum / norm_count, embeddings=embeddings,
-                  seconds=time.perf_counter() - start_time)
-    log.info("%s: accuracy %.5f +- %.5f, VAL@FAR=%g %.5f +- %.5f (FAR %.2e), xnorm %.3f, %.1f s",
-             describe(binset), result["accuracy_mean"], result["accuracy_std"], far_target, result["val"],
-             result["val_std"], result["far"], result["xnorm"], result["seconds"])
-    return result
+    summed, norms = embed_images(binset.images, model, batch_size, flip, progress, f"verify {Path(binset.path).name}")
+    return score(binset, summed, norms, time.perf_counter() - start_time, nrof_folds, far_target, log)

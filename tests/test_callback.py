@@ -1,6 +1,8 @@
 """eval.callback.VerificationCallback: best model kept only on improvement, failures never reach training."""
 
+import json
 import logging
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -9,7 +11,10 @@ import pytest
 
 from eval.bin_io import write_bin
 from eval.callback import VerificationCallback
+from tests.launch import launch
 from utils.safe_pickle import load_paddle_state
+
+WORKER = Path(__file__).with_name("dist_callback_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +94,31 @@ def test_unreadable_target_fails_at_start(data_dir, tmp_path):
     (tmp_path / "broken.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match=r"broken\.bin: not a readable \.bin pickle"):
         VerificationCallback(tmp_path, ["broken"], 16, tmp_path / "run")
+
+
+def bn_net() -> paddle.nn.Layer:
+    """A small conv net with BatchNorm, whose running statistics change the embeddings."""
+    return paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 8, stride=8), paddle.nn.BatchNorm2D(8), paddle.nn.ReLU(),
+                                paddle.nn.AdaptiveAvgPool2D(1), paddle.nn.Flatten(), paddle.nn.Linear(8, 8))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_ranks_share_the_work_and_equal_one_process(data_dir, tmp_path):
+    paddle.seed(5)
+    net = bn_net()
+    rng = np.random.default_rng(5)
+    net[1]._mean.set_value(rng.normal(0, 0.5, 8).astype(np.float32))
+    net[1]._variance.set_value(rng.uniform(0.5, 2, 8).astype(np.float32))
+    paddle.save(net.state_dict(), str(tmp_path / "net.pdparams"))
+    single = VerificationCallback(data_dir, ["val"], 7, tmp_path / "single")
+    expected = single(10, net)
+
+    out = tmp_path / "dist"
+    proc = launch(WORKER, tmp_path / "net.pdparams", data_dir, out, log_dir=tmp_path / "log", timeout=180)
+    assert proc.returncode == 0 and all(f"rank {r}: CALLBACK WORKER OK" in proc.logs for r in (0, 1)), proc.logs
+    result = json.loads((out / "result.json").read_text())
+    assert result["first"] == expected
+    assert result["latest"]["xnorm"] == pytest.approx(single.latest["val"]["xnorm"], rel=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == ["best_val.pdparams", "result.json"]
+    assert "simulated failure on rank 1" in proc.logs
