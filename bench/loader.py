@@ -44,19 +44,19 @@ from mxnet_reader.recordio import unpack
 from utils.synthetic import ensure_synthetic
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process plus its finished children (DataLoader workers exit after each epoch)."""
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time of (this process, its finished children): DataLoader workers exit after each epoch."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def ceiling(payloads: list[bytes]) -> tuple[float, float]:
-    """(images/s, CPU us/image) of cv2.imdecode alone on in-memory payloads."""
-    wall, cpu = time.perf_counter(), cpu_seconds()
+def ceiling(payloads: list[bytes]) -> tuple[float, float, float]:
+    """(images/s, CPU us/image, the same) of cv2.imdecode alone on in-memory payloads."""
+    wall, cpu = time.perf_counter(), cpu_seconds()[0]
     for payload in payloads:
         cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
-    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    return len(payloads) / wall, cpu / len(payloads) * 1e6
+    wall, cpu = time.perf_counter() - wall, cpu_seconds()[0] - cpu
+    return len(payloads) / wall, cpu / len(payloads) * 1e6, cpu / len(payloads) * 1e6
 
 
 def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> dict[str, float]:
@@ -71,10 +71,10 @@ def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> di
     }
     result = {}
     for name, (step, items) in steps.items():
-        cpu = cpu_seconds()
+        cpu = cpu_seconds()[0]
         for item in items:
             step(item)
-        result[name] = round((cpu_seconds() - cpu) / n * 1e6, 1)
+        result[name] = round((cpu_seconds()[0] - cpu) / n * 1e6, 1)
     return result
 
 
@@ -90,8 +90,8 @@ def float32_from_workers(ds: RecordIODataset, batch_size: int, workers: int) -> 
 
 
 def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int,
-                float32_transport: bool = False) -> tuple[float, float]:
-    """(steady-state images/s, CPU us/image over the whole epoch) through the training DataLoader."""
+                float32_transport: bool = False) -> tuple[float, float, float]:
+    """(steady-state images/s, CPU us/image of all processes and of this one over the whole epoch)."""
     if float32_transport:
         loader = float32_from_workers(ds, batch_size, workers)
     else:
@@ -105,8 +105,9 @@ def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int,
         elif i > 1:
             count += images.shape[0]
     wall = time.perf_counter() - start
-    cpu = cpu_seconds() - cpu
-    return count / wall, cpu / (len(loader) * batch_size) * 1e6
+    own, children = (after - before for after, before in zip(cpu_seconds(), cpu, strict=True))
+    images = len(loader) * batch_size
+    return count / wall, (own + children) / images * 1e6, own / images * 1e6
 
 
 def main() -> None:
@@ -124,7 +125,7 @@ def main() -> None:
     ds = RecordIODataset(root, train=True, seed=args.seed)
     payloads = [unpack(ds._reader.read_idx(int(key)))[1] for key in ds._keys]
     ceiling(payloads[:256])  # warm-up
-    runs: dict[str, list[tuple[float, float]]] = {"ceiling": [], "workers1": [], "workers2": [], "float32_1": []}
+    runs: dict[str, list[tuple[float, float, float]]] = {"ceiling": [], "workers1": [], "workers2": [], "float32_1": []}
     for repeat in range(args.repeats):
         runs["ceiling"].append(ceiling(payloads))
         runs["workers1"].append(loader_rate(ds, args.batch_size, 1, repeat))
@@ -132,6 +133,8 @@ def main() -> None:
         runs["float32_1"].append(loader_rate(ds, args.batch_size, 1, repeat, float32_transport=True))
     rate = {name: float(np.median([r[0] for r in values])) for name, values in runs.items()}
     cpu = {name: float(np.median([r[1] for r in values])) for name, values in runs.items()}
+    main_cpu = {name: float(np.median([r[2] for r in values])) for name, values in runs.items()}
+    worker_cpu = cpu["workers1"] - main_cpu["workers1"]
     result = {
         "images": len(payloads), "batch_size": args.batch_size, "repeats": args.repeats,
         "ceiling_img_s": round(rate["ceiling"]), "workers1_img_s": round(rate["workers1"]),
@@ -140,6 +143,12 @@ def main() -> None:
         "workers2_vs_workers1": round(rate["workers2"] / rate["workers1"], 3),
         "cpu_us_per_img": {name: round(value, 1) for name, value in cpu.items()},
         "cpu_efficiency_vs_ceiling": round(cpu["ceiling"] / cpu["workers1"], 3),
+        "workers1_cpu_us_per_img_worker_main": [round(worker_cpu, 1), round(main_cpu["workers1"], 1)],
+        # What these CPU costs allow on an idle 2-core machine: the worker and the training process on
+        # their own cores; with 2 workers, every process shares the 2 cores.
+        "idle_projection_img_s": {"ceiling": round(1e6 / cpu["ceiling"]),
+                                  "workers1": round(1e6 / max(worker_cpu, main_cpu["workers1"])),
+                                  "workers2": round(2e6 / cpu["workers2"])},
         "cpu_us_per_img_in_process": breakdown(ds, payloads, args.batch_size),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
