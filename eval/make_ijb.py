@@ -44,11 +44,18 @@ def loose_crop(face: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator
 
 
 def generate(out_dir: str | Path, target: str = "IJBC", identities: int = 8, templates_per_id: int = 3,
-             seed: int = 0) -> Path:
-    """Write meta/<target>_{face_tid_mid,name_5pts_score,template_pair_label}.txt and loose_crop/*.jpg."""
+             seed: int = 0, overwrite: bool = False) -> Path:
+    """Write meta/<target>_{face_tid_mid,name_5pts_score,template_pair_label}.txt and loose_crop/*.jpg.
+
+    Built in a temp directory beside `out_dir` and renamed into place; an existing `out_dir` is an error unless
+    `overwrite`, and is only removed once the new set is complete.
+    """
     if identities < 2 or templates_per_id < 2:
         raise ValueError("need >= 2 identities and >= 2 templates per identity for genuine and impostor pairs")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; use --force to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     name = target.lower()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -79,7 +86,13 @@ def generate(out_dir: str | Path, target: str = "IJBC", identities: int = 8, tem
         pairs = [f"{a} {b} {int(owner[a] == owner[b])}" for a, b in itertools.combinations(sorted(owner), 2)]
         for kind, lines in (("face_tid_mid", faces), ("name_5pts_score", marks), ("template_pair_label", pairs)):
             (tmp / "meta" / f"{name}_{kind}.txt").write_text("\n".join(lines) + "\n")
-        os.replace(tmp, out_dir)
+        if out_dir.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -95,13 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists():
-        if not args.force:
-            parser.error(f"{out} exists; use --force to replace it")
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    generate(out, args.target, args.identities, args.templates_per_id, args.seed)
+    try:
+        out = generate(args.out, args.target, args.identities, args.templates_per_id, args.seed, args.force)
+    except (FileExistsError, ValueError) as e:
+        parser.error(str(e))
     print(f"wrote {out}")
     return 0
 

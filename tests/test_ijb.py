@@ -11,6 +11,7 @@ import pytest
 
 from eval import ijb
 from eval.make_ijb import generate, loose_crop
+from eval.make_ijb import main as make_ijb_main
 from utils.image import norm_crop, preprocess
 
 
@@ -163,3 +164,18 @@ def test_loose_crop_landmarks_follow_the_face():
     direct, via_crop = norm_crop(face, marks).astype(float), norm_crop(image, moved).astype(float)
     inner = (slice(20, 92), slice(20, 92))  # away from the borders the two warps fill differently
     assert np.abs(direct[inner] - via_crop[inner]).mean() < 6
+
+
+def test_make_ijb_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "IJBB"
+    args = ["--out", str(out), "--target", "IJBB", "--identities", "2", "--templates-per-id", "2", "--seed", "4"]
+    assert make_ijb_main(args) == 0
+    names = sorted(p.name for p in (out / "meta").iterdir())
+    assert names == ["ijbb_face_tid_mid.txt", "ijbb_name_5pts_score.txt", "ijbb_template_pair_label.txt"]
+    before = (out / "meta" / "ijbb_face_tid_mid.txt").read_text()
+    with pytest.raises(SystemExit):
+        make_ijb_main(args)
+    assert "use --force" in capsys.readouterr().err
+    assert make_ijb_main([*args[:-1], "5", "--force"]) == 0
+    assert (out / "meta" / "ijbb_face_tid_mid.txt").read_text() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["IJBB"]  # no temp directories left
