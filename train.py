@@ -96,6 +96,12 @@ def _local_classes(num_classes: int, rank: int, world: int) -> int:
     return num_classes // world + (rank < num_classes % world)
 
 
+def _epoch_progress(loader: Any) -> float:
+    """Epochs done so far, from the sampler's position (right across a change of world size)."""
+    state = loader.batch_sampler.state_dict()
+    return state["epoch"] + state["batch"] / len(loader)
+
+
 def _last_checkpoint(run_dir: Path) -> str:
     latest = run_dir / ckpt_io.CHECKPOINTS / ckpt_io.LATEST
     return f"last good checkpoint: {latest.parent / latest.read_text().strip()}" if latest.is_file() else \
@@ -193,8 +199,7 @@ def train(cfg: Config) -> int:
         return results
 
     def save(at_step: int) -> None:
-        trainer_state = {"epoch": at_step * cfg.gradient_acc / micro_per_epoch,
-                         "sampler": loader.batch_sampler.state_dict(),
+        trainer_state = {"epoch": _epoch_progress(loader), "sampler": loader.batch_sampler.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else None}
         path = ckpt_io.save_checkpoint(run_dir, at_step, backbone=getattr(backbone, "_layers", backbone),
                                        optimizer=optimizer, pfc=pfc, trainer_state=trainer_state, cfg=cfg,
@@ -255,7 +260,7 @@ def train(cfg: Config) -> int:
             now = time.perf_counter()
             meter.update(loss_sum / cfg.gradient_acc, data_time, now - step_start - data_time)
             if step % cfg.log_every == 0 or step == stop_step:
-                _log_step(log, metrics, meter, step, total_steps, micro / micro_per_epoch, lr, scaler,
+                _log_step(log, metrics, meter, step, total_steps, _epoch_progress(loader), lr, scaler,
                           (now - start_time) / (step - start_step) * (stop_step - step))
                 meter.reset()
             if cfg.save_every and step % cfg.save_every == 0 and step < stop_step:

@@ -1,0 +1,113 @@
+"""Training throughput: end-to-end train.py on the synthetic rec vs the model-only step rate on random tensors.
+
+    python bench/train.py                       # mbf and r18 at batch 32, 2 threads
+    python bench/train.py --networks mbf --steps 6 --repeats 3
+
+End-to-end = train.py itself (DataLoader workers decoding the rec, logging every step, metrics.jsonl), timed from
+the wall-clock stamps of its metrics records after a warm-up. Model-only = the same backbone, Partial FC head,
+optimizer and LR schedule stepped on random tensors in this process. The difference is what the data pipeline and
+logging cost. Measurements alternate (e2e, model, e2e, model, ...) so that load from other jobs hits both alike;
+medians are printed as one JSON line per network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import numpy as np
+import paddle
+
+import train
+from backbones import get_model
+from config import load_config
+from losses import build_margin_loss
+from partial_fc import PartialFC
+from utils.lr_scheduler import PolynomialLRWarmup
+
+
+def end_to_end(args: argparse.Namespace, network: str, out: Path, run: str) -> float:
+    """Samples/s of train.py between the end of warm-up step W and step W + N (wall clock, everything included)."""
+    total = args.warmup + args.steps
+    argv = ["--network", network, "--width", str(args.width), "--embedding_size", "512", "--batch_size",
+            str(args.batch), "--threads", str(args.threads), "--num_workers", str(args.workers), "--log_every", "1",
+            "--val_targets", "", "--val_at_start", "false", "--cache_dir", args.cache_dir, "--synthetic_identities",
+            str(args.identities), "--synthetic_images_per_id", str(args.images_per_id), "--stop_at_step", str(total),
+            "--output", str(out), "--run_name", run]
+    if train.main(argv) != 0:
+        raise SystemExit(f"train.py {' '.join(argv)} failed")
+    stamps = {r["step"]: r["time"] for r in map(json.loads, (out / run / "metrics.jsonl").read_text().splitlines())
+              if "time" in r}
+    return args.steps * args.batch / (stamps[total] - stamps[args.warmup])
+
+
+def model_only(args: argparse.Namespace, network: str, num_classes: int) -> float:
+    """Samples/s of the training step alone (forward, head, backward, both updates) on random tensors."""
+    cfg = load_config("synthetic", {"network": network, "width": args.width, "embedding_size": 512,
+                                    "batch_size": args.batch})
+    backbone = get_model(network, num_features=512, width=args.width)
+    pfc = PartialFC(build_margin_loss(cfg), 512, num_classes, sample_rate=1.0, seed=cfg.seed)
+    scheduler = PolynomialLRWarmup(cfg.lr, 0, 10_000)
+    optimizer = train._build_optimizer(cfg, backbone, scheduler)
+    rng = np.random.default_rng(0)
+    images = paddle.to_tensor(rng.standard_normal((args.batch, 3, 112, 112), dtype=np.float32))
+    labels = paddle.to_tensor(rng.integers(0, num_classes, args.batch))
+    backbone.train()
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            start = time.perf_counter()
+        loss = pfc(backbone(images), labels)
+        float(loss)
+        loss.backward()
+        optimizer.step()
+        pfc.step(scheduler())
+        optimizer.clear_grad()
+        scheduler.step()
+    return args.steps * args.batch / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--networks", default="mbf,r18", help="comma-separated backbones")
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the end-to-end run")
+    parser.add_argument("--identities", type=int, default=200)
+    parser.add_argument("--images-per-id", type=int, default=20)
+    parser.add_argument("--cache-dir", default=".cache")
+    args = parser.parse_args(argv)
+    paddle.base.core.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        for network in args.networks.split(","):
+            e2e, model = [], []
+            for r in range(args.repeats):
+                e2e.append(end_to_end(args, network, Path(tmp), f"{network}_{r}"))
+                paddle.base.core.set_num_threads(args.threads)
+                model.append(model_only(args, network, args.identities))
+            e2e_med, model_med = statistics.median(e2e), statistics.median(model)
+            print(json.dumps({"network": network, "width": args.width, "batch": args.batch, "threads": args.threads,
+                              "workers": args.workers, "steps": args.steps, "repeats": args.repeats,
+                              "end_to_end_samples_per_s": round(e2e_med, 2),
+                              "model_only_samples_per_s": round(model_med, 2),
+                              "pipeline_and_logging_cost": round(1 - e2e_med / model_med, 4),
+                              "e2e_runs": [round(x, 2) for x in e2e], "model_runs": [round(x, 2) for x in model]}),
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""train.py on one process: exact resume, crash safety of checkpoints, fine-tuning, bad inputs, metrics and plots.
+
+Everything runs on a tiny synthetic set (20 identities x 2 images: 5 batches of 8 per epoch, small enough for the
+loss to fall within 20 steps), a quarter-width MobileFaceNet with 64-d embeddings and 1 thread: a run of 20 steps
+takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from tests.launch import ROOT
+from utils.checkpoint import LATEST, load_backbone_weights
+from utils.safe_pickle import load_paddle_state
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic_cache")
+
+
+def tiny_args(cache_dir: Path, output: Path, run_name: str, *extra: str) -> list[str]:
+    return ["--cache_dir", str(cache_dir), "--synthetic_identities", "20", "--synthetic_images_per_id", "2",
+            "--synthetic_val_pairs", "20", "--width", "0.25", "--embedding_size", "64", "--batch_size", "8",
+            "--threads", "1", "--num_workers", "0", "--num_epoch", "4", "--log_every", "1", "--val_targets", "",
+            "--val_at_start", "false", "--output", str(output), "--run_name", run_name, *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (a resumed run's later line for a step wins)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """train.py in a fresh process (a real restart: nothing carried over in memory)."""
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def straight_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 steps (4 epochs) without interruption, with verification on synth_val before and after."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train.main(tiny_args(cache_dir, out, "straight", "--val_targets", "synth_val", "--val_at_start", "true",
+                                "--save_every", "10")) == 0
+    return out / "straight"
+
+
+def test_run_outputs(straight_run: Path) -> None:
+    names = {p.name for p in straight_run.iterdir()}
+    assert {"config.json", "train.log", "metrics.jsonl", "checkpoints", "model.pdparams",
+            "best_synth_val.pdparams"} <= names
+    assert not any(":" in p.name for p in straight_run.rglob("*"))
+    assert (straight_run / "checkpoints" / LATEST).read_text().strip() == "step_0000020"
+    assert json.loads((straight_run / "config.json").read_text())["num_classes"] == 20
+    log = (straight_run / "train.log").read_text()
+    assert "accuracy before training: synth_val" in log and "accuracy after training (step 20)" in log
+    assert "20 centres on rank 0" in log and "40 samples per epoch, 20 steps" in log
+    records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert {"lr", "samples_per_s", "data_time", "step_time", "eta_s", "epoch"} <= set(steps[0])
+    lrs = [r["lr"] for r in steps]  # polynomial decay from 0.1, no warm-up, 20 steps
+    assert lrs == pytest.approx([0.1 * (1 - t / 20) for t in range(20)])
+    vals = [r for r in records if "val/synth_val" in r]
+    assert [r["step"] for r in vals] == [0, 20]
+    # loss goes down: mean of the last 5 steps below the mean of the first 5
+    assert np.mean([r["loss"] for r in steps[-5:]]) < np.mean([r["loss"] for r in steps[:5]])
+
+
+def test_exact_resume_in_a_fresh_process(cache_dir: Path, straight_run: Path, tmp_path: Path) -> None:
+    """7 steps (mid-epoch), stop, --resume in a new process to 20: losses of steps 8-20 equal the straight run's."""
+    assert train.main(tiny_args(cache_dir, tmp_path, "resumed", "--stop_at_step", "7")) == 0
+    assert (tmp_path / "resumed" / "checkpoints" / "step_0000007").is_dir()
+    proc = run_cli(*tiny_args(cache_dir, tmp_path, "resumed", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout
+    expected, got = losses(straight_run), losses(tmp_path / "resumed")
+    assert [got[s] for s in range(8, 21)] == pytest.approx([expected[s] for s in range(8, 21)], abs=1e-6)
+    # the same weights at the end, too
+    a = load_paddle_state(straight_run / "model.pdparams")
+    b = load_paddle_state(tmp_path / "resumed" / "model.pdparams")
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
+def _complete(ckpt: Path) -> None:
+    """Every file of a checkpoint loads (weights, optimizer, trainer state, rng, centre shards)."""
+    assert load_paddle_state(ckpt / "backbone.pdparams")
+    assert load_paddle_state(ckpt / "optimizer.pdopt")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == int(ckpt.name.split("_")[1])
+    json.loads((ckpt / "rng.r0.json").read_text())
+    json.loads((ckpt / "config.json").read_text())
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name in manifest["arrays"].values():
+        assert np.load(ckpt / f"{name}.r0.npy", allow_pickle=False).shape == (20, 64)
+
+
+def test_sigkill_while_checkpointing_leaves_latest_complete(cache_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint every step, each file followed by a short sleep; SIGKILL at random moments, resume, repeat."""
+    rng = random.Random(0)
+    args = tiny_args(cache_dir, tmp_path, "crash", "--save_every", "1", "--keep_checkpoints", "2")
+    root = tmp_path / "crash" / "checkpoints"
+    env = {"ARCFACE_CHECKPOINT_WRITE_DELAY": "0.03", "GLOG_minloglevel": "2"}
+    last_step = 0
+    for attempt in range(3):
+        cmd = [sys.executable, "train.py", *args, *(["--resume"] if attempt else [])]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:  # wait for a new checkpoint, then kill somewhere in the next ones
+                if (root / LATEST).is_file() and int((root / LATEST).read_text().split("_")[1]) > last_step:
+                    break
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        name = (root / LATEST).read_text().strip()
+        _complete(root / name)
+        assert int(name.split("_")[1]) > last_step  # each resumed run made progress from the previous latest
+        last_step = int(name.split("_")[1])
+        # keep_checkpoints=2 (+1 if killed between the rename and the pruning)
+        assert len(list(root.glob("step_*"))) <= 3
+
+
+def test_init_backbone_starts_a_new_run_with_a_fresh_head(cache_dir: Path, straight_run: Path,
+                                                           tmp_path: Path) -> None:
+    """Fine-tuning: accuracy before training equals the source model's; any class count; a new run from step 0."""
+    src = straight_run / "model.pdparams"
+    assert train.main(tiny_args(cache_dir, tmp_path, "ft", "--init_backbone", str(src), "--num_classes", "37",
+                                "--val_targets", "synth_val", "--val_at_start", "true", "--stop_at_step", "1")) == 0
+    records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    source = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    before = next(r["val/synth_val"] for r in records if r["step"] == 0)
+    after_source = next(r["val/synth_val"] for r in source if r["step"] == 20 and "val/synth_val" in r)
+    assert before == after_source
+    manifest = json.loads((tmp_path / "ft" / "checkpoints" / "step_0000001" / "manifest.json").read_text())
+    assert manifest["num_classes"] == 37
+
+
+def test_load_backbone_weights_rejects_another_architecture(straight_run: Path) -> None:
+    from backbones import get_model
+
+    with pytest.raises(ValueError, match=r"does not fit this backbone: .* missing"):
+        load_backbone_weights(get_model("r18", num_features=64, width=0.25), straight_run / "model.pdparams")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--data", "/no/such/dataset"], "--data /no/such/dataset: no such file or directory"),
+    (["--num_classes", "5"], "--num_classes 5 is smaller than the 20 classes found"),
+    (["--init_backbone", "/no/such.pdparams"], "/no/such.pdparams: backbone weights not found"),
+    (["--resume"], "--resume latest: no checkpoint found"),
+])
+def test_bad_inputs_fail_with_one_line(cache_dir: Path, tmp_path: Path, extra: list[str], message: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main(tiny_args(cache_dir, tmp_path, "bad", *extra)) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train.py: error: ") and message in err, err
+
+
+def test_checkpoint_of_another_network_is_refused(cache_dir: Path, straight_run: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = tiny_args(cache_dir, straight_run.parent, "straight", "--resume", "--network", "r18")
+    assert train.main(args) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match the config: network='mbf' (this run: 'r18')" in err, err
+
+
+def test_fresh_start_over_an_existing_run_is_refused(cache_dir: Path, straight_run: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main(tiny_args(cache_dir, straight_run.parent, "straight")) != 0
+    assert "already holds checkpoints: add --resume" in capsys.readouterr().err
+
+
+def test_cli_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for args, message in [(["--config", "nope"], "--config: unknown preset 'nope'"),
+                          (["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1")]:
+        with pytest.raises(SystemExit) as exc:
+            train.main(args)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and message in err, err
+    proc = run_cli("--batch_size", "big")  # the real entry point's exit status
+    assert proc.returncode == 2 and proc.stderr.strip() == "train.py: error: --batch_size: expected int, got 'big'"
+
+
+def test_nan_loss_stops_after_k_bad_steps_and_keeps_the_last_checkpoint(cache_dir: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An absurd learning rate blows the weights up; the run stops with a clear message, checkpoints intact."""
+    args = tiny_args(cache_dir, tmp_path, "nan", "--lr", "1e30", "--clip_grad_norm", "0", "--save_every", "1",
+                     "--max_bad_steps", "3")
+    assert train.main(args) != 0
+    err = capsys.readouterr().err
+    assert "batches in a row" in err and "last good checkpoint" in err, err
+    root = tmp_path / "nan" / "checkpoints"
+    _complete(root / (root / LATEST).read_text().strip())
+
+
+def test_plot_metrics(straight_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "curves.png"
+    cmd = [sys.executable, "tools/plot_metrics.py", str(straight_run), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists (use --force" in again.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
+    proc = subprocess.run([sys.executable, "-m", "tools.plot_metrics", str(bad)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "metrics.jsonl:2: not a metrics record" in proc.stderr
