@@ -71,16 +71,16 @@ class VerificationCallback:
             share = np.array_split(np.arange(len(binset.images)), self.world_size)[self.rank]
             part = embed_images(binset.images[share], backbone, self.batch_size, self.flip, self.rank == 0,
                                 f"verify {binset.path.name}") if len(share) else None
-            error = None
-        except Exception as e:  # an evaluation problem must never end a training run
-            part, error = None, e
+            ok = True
+        except Exception:  # an evaluation problem must never end a training run
+            part, ok = None, False
             self.log.exception("step %d: verification on %s failed on rank %d", step, describe(binset), self.rank)
         try:
-            parts = self._gather((part, error is None))
+            parts = self._gather((part, ok))
         except Exception:  # a rank died or timed out: the next training collective will say so, not this
             self.log.exception("step %d: gathering the %s embeddings failed", step, describe(binset))
             return None
-        if not all(ok for _, ok in parts):
+        if not all(flag for _, flag in parts):
             if self.rank == 0:
                 self.log.error("step %d: verification on %s failed; training goes on", step, describe(binset))
             return None
