@@ -103,14 +103,29 @@ def torch_runner(name: str, batch: int) -> dict[str, Callable[[], None]]:
     return {"train": train, "latency": infer(x[:1]), "throughput": infer(x64)}
 
 
-def timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
+def profile_step(name: str, batch: int) -> None:
+    """Where a Paddle training step spends its time, per operator (forward and backward nodes)."""
+    import paddle.profiler as profiler
+
+    train = paddle_runner(name, batch, numpy_prelu=True)["train"]
+    train()  # warm-up
+    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU])
+    prof.start()
+    train()
+    prof.stop()
+    print(f"## {name}, batch {batch}: one training step")
+    prof.summary(sorted_by=profiler.SortedKeys.CPUTotal, op_detail=False, thread_sep=False, time_unit="ms",
+                 views=[profiler.SummaryView.OperatorView])
+
+
+def timed(fn: Callable[[], None], clock: Callable[[], float]) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def bench_network(name: str, variants: dict[str, dict[str, Callable[[], None]]], steps: int,
-                  latency_runs: int) -> dict[str, dict[str, float]]:
+                  latency_runs: int, clock: Callable[[], float]) -> dict[str, dict[str, float]]:
     """Median seconds per task and variant; every repetition runs each variant once, in turn."""
     repeats = {"train": steps, "latency": latency_runs, "throughput": max(1, steps // 2)}
     result: dict[str, dict[str, float]] = {v: {} for v in variants}
@@ -120,7 +135,7 @@ def bench_network(name: str, variants: dict[str, dict[str, Callable[[], None]]],
             runner[task]()  # warm-up
         for _ in range(count):
             for variant, runner in variants.items():
-                samples[variant].append(timed(runner[task]))
+                samples[variant].append(timed(runner[task], clock))
         for variant, values in samples.items():
             result[variant][task] = statistics.median(values)
     return result
@@ -135,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plain", action="store_true", help="also time Paddle's own PReLU kernel (F.prelu)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch reference")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process CPU clock (with --threads 1: robust on a machine shared with "
+                             "other jobs, where wall time measures the scheduler)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: paddle.profiler operator table of one Paddle training step")
     args = parser.parse_args(argv)
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by Paddle's and torch's runtimes at import
@@ -155,11 +175,17 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown network(s) {', '.join(unknown)}")
 
+    if args.profile:
+        for name in networks:
+            profile_step(name, args.batch_size)
+        return
+    clock = time.process_time if args.cpu_time else time.perf_counter
     rows = []
     header = (f"{'network':<10}{'variant':<16}{'train step s':>13}{'img/s':>8}{'latency b1 ms':>15}"
               f"{'b64 img/s':>11}   speed vs paddle (train / b1 / b64)")
     print(f"# paddle {paddle.__version__}" + (f", torch {torch.__version__}" if torch else "")
-          + f", {args.threads} threads, batch {args.batch_size}, medians", flush=True)
+          + f", {args.threads} threads, batch {args.batch_size}, medians of {'CPU' if args.cpu_time else 'wall'} time, "
+          f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE', '(unset)')!r}", flush=True)
     print(header, flush=True)
     for name in networks:
         variants = {"paddle": paddle_runner(name, args.batch_size, numpy_prelu=True)}
@@ -167,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             variants["paddle-F.prelu"] = paddle_runner(name, args.batch_size, numpy_prelu=False)
         if torch is not None:
             variants["torch"] = torch_runner(name, args.batch_size)
-        result = bench_network(name, variants, args.steps, args.latency_runs)
+        result = bench_network(name, variants, args.steps, args.latency_runs, clock)
         base = result["paddle"]
         for variant, r in result.items():
             ratios = " / ".join(f"{base[t] / r[t]:.2f}x" for t in ("train", "latency", "throughput"))
@@ -178,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                          "throughput_b64_img_s": round(64 / r["throughput"], 2)})
         del variants
     print(json.dumps({"bench": "backbones", "threads": args.threads, "batch_size": args.batch_size,
+                      "clock": "cpu" if args.cpu_time else "wall",
                       "steps": args.steps, "results": rows}))
 
 
