@@ -185,3 +185,19 @@ def test_check_dataset_good_and_bad(shared_fixtures, tmp_path, capsys):
     assert check_dataset.main([str(tmp_path / "img")]) == 1
     assert "PROBLEM undecodable: images/3/17.jpg" in capsys.readouterr().out
     assert check_dataset.main([str(tmp_path / "img"), "--no-decode"]) == 0
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 0, 2], r"sample 2: label 2 breaks the order"),
+    ([0, 1, 0], r"sample 2: label 0 breaks the order"),
+    ([1, 1], r"sample 0: label 1 breaks the order"),
+    ([], r"no images to write"),
+])
+def test_write_insightface_rec_rejects_bad_labels_and_keeps_old_files(labels, message, tmp_path):
+    from mxnet_reader.insightface import write_insightface_rec
+
+    write_insightface_rec(tmp_path, [(0, _image(1)), (1, _image(2))], progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=message):
+        write_insightface_rec(tmp_path, [(label, _image(label)) for label in labels], progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files, old set intact
