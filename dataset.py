@@ -17,8 +17,16 @@ and replaced by the next decodable sample, so one bad record in 5M does not stop
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import multiprocessing
 import os
+import pickle
+import signal
+import time
+import traceback
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,7 @@ from utils.image import INPUT_SIZE, decode_rgb, preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _MAX_SUBSTITUTES = 64  # consecutive undecodable samples tolerated before giving up
+_SPARE_BUFFERS = 4  # float32 batch arrays kept for reuse (see _LentBuffer)
 # The normalisation table, read off `preprocess` itself so the batched path can never disagree with it.
 _TABLE = preprocess(np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2))[0, 0].copy()
 _M64 = (1 << 64) - 1
@@ -50,13 +59,14 @@ def flip_of(seed: int, epoch: int, index: int) -> bool:
     return bool(_mix64(_mix64(_mix64(seed & _M64) ^ (epoch & _M64)) ^ (index & _M64)) >> 63)
 
 
-def normalise_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 RGB CHW (or NCHW) -> float32 of the same shape, values identical to utils.image.preprocess.
+def normalise_uint8(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB CHW (or NCHW) -> float32 of the same shape (into `out` if given), values identical to
+    utils.image.preprocess.
 
     One table lookup per image: calls this small keep OpenCV single-threaded, so its thread pool never has to
-    share the CPU with training nor survive a fork into DataLoader workers.
+    share the CPU with training nor survive a fork into loader workers.
     """
-    out = np.empty(images.shape, dtype=np.float32)
+    out = np.empty(images.shape, dtype=np.float32) if out is None else out
     width = images.shape[-1]
     for src, dst in zip(images.reshape(-1, *images.shape[-3:]), out.reshape(-1, *out.shape[-3:]), strict=True):
         cv2.LUT(np.ascontiguousarray(src).reshape(-1, width), _TABLE, dst=dst.reshape(-1, width))
@@ -91,7 +101,17 @@ class FaceDataset(paddle.io.Dataset):
         return normalise_uint8(image), label
 
     def load_uint8(self, index: int, epoch: int) -> tuple[np.ndarray, np.int64]:
-        """Sample `index` as (3xHxW uint8 RGB, flipped if training, label): what DataLoader workers produce."""
+        """Sample `index` as (3xHxW uint8 RGB, flipped if training, label)."""
+        chw = np.empty((3, INPUT_SIZE, INPUT_SIZE), dtype=np.uint8)
+        return chw, np.int64(self._load_into(index, epoch, chw))
+
+    def load_batch(self, indices: np.ndarray, epoch: int, images: np.ndarray, labels: np.ndarray) -> None:
+        """Samples `indices` of `epoch` into images[:n] (uint8 Nx3xHxW) and labels[:n]: a loader worker's job."""
+        for j, index in enumerate(indices.tolist()):
+            labels[j] = self._load_into(index, epoch, images[j])
+
+    def _load_into(self, index: int, epoch: int, chw: np.ndarray) -> int:
+        """Decode sample `index` (or its substitute) into the uint8 3xHxW array `chw`; return its label."""
         n, index = self._length, int(index)  # NumPy integers too
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples in {self.source}")
@@ -107,15 +127,13 @@ class FaceDataset(paddle.io.Dataset):
                 if self.strict:
                     raise ValueError(f"{self.source}: {name} is not a decodable image") from None
                 warnings.warn(f"{self.source}: {name} is not a decodable image; using sample {(i + 1) % n} instead",
-                              stacklevel=2)
+                              stacklevel=3)
                 continue
-            image = self._checked_size(image, name)
-            chw = np.empty((3, *image.shape[:2]), dtype=np.uint8)
-            cv2.split(image, list(chw))
+            cv2.split(self._checked_size(image, name), list(chw))
             if self.train and flip_of(self.seed, epoch, index):
                 rows = chw.reshape(-1, chw.shape[-1])  # mirroring every row of the three planes, in place
                 cv2.flip(rows, 1, dst=rows)
-            return chw, np.int64(label)
+            return label
         raise ValueError(f"{self.source}: {_MAX_SUBSTITUTES} consecutive samples from index {index} are undecodable")
 
     def _checked_size(self, image: np.ndarray, name: str) -> np.ndarray:
@@ -127,7 +145,7 @@ class FaceDataset(paddle.io.Dataset):
         if not self._warned_size:
             self._warned_size = True
             warnings.warn(f"{self.source}: {name} is {image.shape[1]}x{image.shape[0]}; resizing images to "
-                          f"{INPUT_SIZE}x{INPUT_SIZE} (further resizes are silent)", stacklevel=3)
+                          f"{INPUT_SIZE}x{INPUT_SIZE} (further resizes are silent)", stacklevel=4)
         shrink = image.shape[0] > INPUT_SIZE
         return cv2.resize(image, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
@@ -396,53 +414,218 @@ class ShardedBatchSampler:
         self.epoch, self.consumed = state["epoch"], seen // global_batch
 
 
-class _UInt8Samples(paddle.io.Dataset):
-    """What DataLoader workers index: (index, epoch) -> (uint8 CHW RGB, int64 label)."""
+class FaceDataLoader:
+    """The training batches of one rank: (float32 [B,3,112,112], int64 [B]) paddle Tensors, `len()` per epoch.
 
-    def __init__(self, dataset: FaceDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def num_classes(self) -> int:
-        return self.dataset.num_classes
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, np.int64]:
-        return self.dataset.load_uint8(*item)
-
-
-def _collate(samples: list) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([s[0] for s in samples]), np.array([s[1] for s in samples], dtype=np.int64)
-
-
-class FaceDataLoader(paddle.io.DataLoader):
-    """paddle.io.DataLoader yielding (float32 [B,3,112,112], int64 [B]).
-
-    Workers hand over uint8 batches and this process normalises them: a float32 batch is 4x the bytes, and
-    every byte crossing processes lands in freshly mapped shared memory, whose page faults cost more here than
-    the lookup (measured: 50-60 vs 130-200 CPU us per image).
+    Worker processes (forked once, on the first iteration, and kept) decode, flip and CHW-split uint8 images
+    straight into a ring of shared-memory batch slots allocated before the fork; the training process turns a
+    slot into a fresh float32 tensor with one table lookup per image and hands the slot back. Nothing is
+    mapped, pickled or copied per batch besides that lookup: Paddle's DataLoader maps fresh shared memory for
+    every batch, and its page faults cost more than the decoding here (bench/results_data_reader.md).
+    Batch k goes to worker k % num_workers, so batches arrive in sampler order whatever the worker count.
+    A worker that dies or stops answering for `timeout` seconds is an error here, never a hang; `close()`
+    (or garbage collection, or interpreter exit) stops the workers. Workers need fork (Linux, macOS): where
+    there is none (Windows) batches are loaded in this process, with a warning.
     """
 
+    def __init__(self, dataset: FaceDataset, batch_sampler: ShardedBatchSampler, num_workers: int = 0,
+                 prefetch_per_worker: int = 2, timeout: float = 120.0) -> None:
+        if num_workers > 0 and "fork" not in multiprocessing.get_all_start_methods():
+            warnings.warn("this platform cannot fork: loading batches in the training process", stacklevel=2)
+            num_workers = 0
+        self.dataset, self.batch_sampler, self.num_workers = dataset, batch_sampler, num_workers
+        self.prefetch_per_worker, self.timeout = prefetch_per_worker, timeout
+        self._pool: _WorkerPool | None = None
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
     def __iter__(self):
-        on_gpu = paddle.device.get_device().startswith("gpu")  # batches are built on the CPU (places=CPUPlace)
-        for images, labels in super().__iter__():
+        on_gpu = paddle.device.get_device().startswith("gpu")
+        uint8_batches = self._worker_batches() if self.num_workers > 0 else self._local_batches()
+        spare: list[np.ndarray] = []  # float32 batch arrays no tensor uses any more
+        for images, labels in uint8_batches:
+            buffer = spare.pop() if spare else np.empty(images.shape, dtype=np.float32)
+            out = from_dlpack(np.asarray(_LentBuffer(normalise_uint8(images, out=buffer), spare)))
+            labels = paddle.to_tensor(labels)  # a copy: the slot is reused once this generator resumes
             self.batch_sampler.mark_consumed()
-            images = from_dlpack(normalise_uint8(np.from_dlpack(images)))  # no copies into or out of Paddle
-            yield (images.cuda(), labels.cuda()) if on_gpu else (images, labels)
+            yield (out.cuda(), labels.cuda()) if on_gpu else (out, labels)
+
+    def close(self) -> None:
+        """Stop the workers (a later iteration starts new ones)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _local_batches(self):
+        size = self.batch_sampler.batch_size
+        images = np.empty((size, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.uint8)
+        labels = np.empty(size, dtype=np.int64)
+        for batch in self.batch_sampler:
+            self.dataset.load_batch(np.array([i for i, _ in batch]), batch[0][1], images, labels)
+            yield images, labels
+
+    def _worker_batches(self):
+        if self._pool is None or not self._pool.close.alive:
+            self._pool = _WorkerPool(self.dataset, self.batch_sampler.batch_size, self.num_workers,
+                                     self.prefetch_per_worker, self.timeout)
+        pool = self._pool
+        generation = pool.restart()  # waits out what an abandoned iteration left in flight
+        batches = iter(self.batch_sampler)
+        for _ in range(pool.num_slots):
+            if not pool.submit(next(batches, None)):
+                break
+        while pool.in_flight:
+            slot = pool.receive()
+            yield pool.images[slot], pool.labels[slot]
+            if pool.generation != generation:
+                raise RuntimeError("this loader iterator was abandoned: a newer iteration started")
+            pool.submit(next(batches, None))  # into the slot just handed over
+
+
+class _LentBuffer:
+    """A float32 batch array lent to one Paddle tensor, back among the spares when the tensor's storage is freed.
+
+    A fresh 19 MB float32 batch costs ~4,700 page faults (~100 us per image on this VM, more than the lookup
+    that fills it) because malloc returns such blocks to the OS when freed. Paddle keeps the exporting NumPy
+    array, whose base is this object, alive through the DLPack capsule until the tensor's storage is released,
+    autograd graphs included, so a reused array can never alias a batch still in use.
+    """
+
+    def __init__(self, array: np.ndarray, spare: list[np.ndarray]) -> None:
+        self._array, self._spare = array, spare
+        self.__array_interface__ = array.__array_interface__
+
+    def __del__(self) -> None:
+        if len(self._spare) < _SPARE_BUFFERS:
+            self._spare.append(self._array)
+
+
+class _WorkerPool:
+    """Forked workers and the shared-memory slots they fill; see FaceDataLoader."""
+
+    def __init__(self, dataset: FaceDataset, batch_size: int, num_workers: int, slots_per_worker: int,
+                 timeout: float) -> None:
+        self.num_workers, self.num_slots, self.timeout = num_workers, num_workers * slots_per_worker, timeout
+        image_bytes = self.num_slots * batch_size * 3 * INPUT_SIZE * INPUT_SIZE
+        memory = mmap.mmap(-1, image_bytes + self.num_slots * batch_size * 8)  # anonymous, shared with forks
+        self.images = np.frombuffer(memory, np.uint8, image_bytes).reshape(
+            self.num_slots, batch_size, 3, INPUT_SIZE, INPUT_SIZE)
+        self.labels = np.frombuffer(memory, np.int64, self.num_slots * batch_size, image_bytes).reshape(
+            self.num_slots, batch_size)
+        self.images.fill(0)  # fault every page in now, not during the first batches
+        self.generation, self.submitted, self.in_flight = 0, 0, 0
+        context = multiprocessing.get_context("fork")
+        self._connections, self._processes = [], []
+        for w in range(num_workers):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker_loop, name=f"face-loader-{w}", daemon=True,
+                                      args=(dataset, self.images, self.labels, theirs, os.getpid()))
+            process.start()
+            theirs.close()
+            self._connections.append(ours)
+            self._processes.append(process)
+        self.close = weakref.finalize(self, _stop_workers, self._processes, self._connections)
+
+    def restart(self) -> int:
+        """Wait out the batches still in flight from an earlier iteration; a new generation starts."""
+        while self.in_flight:
+            self.receive(raise_dataset_errors=False)
+        self.generation += 1
+        self.submitted = 0
+        return self.generation
+
+    def submit(self, batch: list[tuple[int, int]] | None) -> bool:
+        """Send the next batch (or nothing at the end of the epoch) to its worker; True if sent."""
+        if batch is None:
+            return False
+        k, worker = self.submitted, self.submitted % self.num_workers
+        task = (k % self.num_slots, np.array([i for i, _ in batch], dtype=np.int64), batch[0][1])
+        try:
+            self._connections[worker].send(task)
+        except OSError:
+            raise self._dead(worker) from None
+        self.submitted, self.in_flight = k + 1, self.in_flight + 1
+        return True
+
+    def receive(self, raise_dataset_errors: bool = True) -> int:
+        """The slot of the oldest batch in flight, once its worker has filled it."""
+        k = self.submitted - self.in_flight
+        worker, connection = k % self.num_workers, self._connections[k % self.num_workers]
+        deadline = time.monotonic() + self.timeout
+        while not connection.poll(0.1):
+            if self._processes[worker].exitcode is not None:
+                raise self._dead(worker)
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"loader worker {worker} (pid {self._processes[worker].pid}) sent no batch "
+                                   f"for {self.timeout:.0f} s")
+        try:
+            slot, error = connection.recv()
+        except (EOFError, OSError):
+            raise self._dead(worker) from None
+        self.in_flight -= 1
+        if error is not None and raise_dataset_errors:
+            raise error
+        return slot
+
+    def _dead(self, worker: int) -> RuntimeError:
+        """The error for a worker that is gone; the other workers are stopped too."""
+        process = self._processes[worker]
+        process.join(1.0)
+        self.close()
+        code = process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return RuntimeError(f"loader worker {worker} (pid {process.pid}) {how}; see its output above "
+                            "(out of memory? the kernel log says)")
+
+
+def _worker_loop(dataset: FaceDataset, images: np.ndarray, labels: np.ndarray, connection: Any,
+                 parent: int) -> None:
+    """A worker: (slot, indices, epoch) -> fill the slot -> (slot, None or the exception). Ends on None, on a
+    closed pipe, or when the training process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process, which stops us
+    try:
+        while True:
+            while not connection.poll(1.0):
+                if os.getppid() != parent:
+                    return
+            task = connection.recv()
+            if task is None:
+                return
+            slot, indices, epoch = task
+            try:
+                dataset.load_batch(indices, epoch, images[slot], labels[slot])
+                connection.send((slot, None))
+            except Exception as err:  # reported to the training process, which raises it
+                err.add_note(f"in loader worker pid {os.getpid()}:\n{traceback.format_exc()}")
+                try:
+                    pickle.loads(pickle.dumps(err))
+                except Exception:  # an exception that does not survive pickling travels as its text
+                    err = RuntimeError(f"{type(err).__name__}: {err}\n{err.__notes__[0]}")
+                connection.send((slot, err))
+    except (EOFError, OSError, KeyboardInterrupt):
+        return
+
+
+def _stop_workers(processes: list, connections: list) -> None:
+    for connection in connections:
+        with contextlib.suppress(OSError):
+            connection.send(None)
+    for process in processes:
+        process.join(2.0)
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
+    for connection in connections:
+        connection.close()
 
 
 def build_dataloader(cfg: Any, rank: int, world_size: int, dataset: FaceDataset | None = None) -> FaceDataLoader:
-    """The training DataLoader of this rank: cfg.batch_size per rank, cfg.num_workers worker processes."""
+    """The training loader of this rank: cfg.batch_size per rank, cfg.num_workers worker processes."""
     dataset = dataset if dataset is not None else build_dataset(cfg, train=True)
     sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, rank, world_size, cfg.seed)
-    # Workers are forked once per epoch (Paddle's persistent workers sleep 0.5 s at every epoch start instead).
-    # No worker_init_fn: the dataset carries everything a worker needs (the reader reopens its file per
-    # process), and cv2.setNumThreads in a forked worker deadlocked here once the parent had used OpenCV threads.
-    # Workers only make single-threaded OpenCV calls on 112x112 images.
-    return FaceDataLoader(_UInt8Samples(dataset), places=paddle.CPUPlace(), batch_sampler=sampler,
-                          collate_fn=_collate, num_workers=cfg.num_workers)
+    return FaceDataLoader(dataset, sampler, num_workers=cfg.num_workers)
 
 
 __all__ = [

@@ -5,10 +5,11 @@
 All three read the same JPEG payloads (the synthetic set's train.rec). The ceiling is one process decoding
 payloads already in memory; the loader figures are steady-state images/s through `dataset.build_dataloader`
 (record read, decode, flip, normalise, batch, hand-over), the first two batches (worker start) excluded.
-CPU microseconds per image (all processes) are printed as well: on a shared machine they are steadier than
-wall-clock rates. For comparison, the last row hands float32 batches from the worker (normalised there) instead
-of uint8 ones, and `cpu_us_per_img_in_process` times the dataset's own steps without a DataLoader
-(decode, record read, the whole uint8 sample, normalisation). Runs are interleaved; figures are medians.
+CPU microseconds per image (all processes, workers included) are printed as well: on a shared machine they
+are steadier than wall-clock rates. For comparison, the last row is the previous design: the same uint8
+samples through paddle.io.DataLoader (fresh shared memory per batch). `cpu_us_per_img_in_process` times the
+steps without any worker: a worker's whole job (`load_batch`), its decode part, and the training process's
+normalisation. Runs are interleaved; figures are medians.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from config import DEFAULTS
 from dataset import (
     RecordIODataset,
     ShardedBatchSampler,
-    _collate,
-    _UInt8Samples,
     build_dataloader,
     normalise_uint8,
 )
@@ -60,14 +59,16 @@ def ceiling(payloads: list[bytes]) -> tuple[float, float, float]:
 
 
 def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> dict[str, float]:
-    """CPU us/image of the dataset's own steps in this process (no DataLoader): where a worker's time goes."""
+    """CPU us/image of the loader's steps in this process, without workers: where each process's time goes."""
     n = len(payloads) - len(payloads) % batch_size
-    batch = np.stack([ds.load_uint8(i, 0)[0] for i in range(batch_size)])
+    images = np.empty((batch_size, 3, 112, 112), np.uint8)
+    labels = np.empty(batch_size, np.int64)
+    batches = np.arange(n).reshape(-1, batch_size)
     steps = {  # each result is dropped at once, as a training loop drops its batches
-        "decode": (lambda p: cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR), payloads[:n]),
-        "read_record": (ds._sample, range(n)),
-        "load_uint8": (lambda i: ds.load_uint8(i, 0), range(n)),
-        "normalise": (lambda _: normalise_uint8(batch), range(n // batch_size)),
+        "decode": (lambda p: cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR_RGB), payloads[:n]),
+        "worker_load_batch": (lambda b: ds.load_batch(b, 0, images, labels), batches),
+        "main_normalise": (lambda _: normalise_uint8(images, out=np.from_dlpack(paddle.empty(images.shape))),
+                           batches),
     }
     result = {}
     for name, (step, items) in steps.items():
@@ -78,26 +79,38 @@ def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> di
     return result
 
 
-def float32_from_workers(ds: RecordIODataset, batch_size: int, workers: int) -> paddle.io.DataLoader:
-    """The alternative design, for comparison: workers normalise and hand over float32 batches (4x the bytes)."""
-    def collate(samples: list) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = _collate(samples)
-        return normalise_uint8(images), labels
+class _PaddleSamples(paddle.io.Dataset):
+    """The previous design's worker view of the dataset: (index, epoch) -> (uint8 CHW, label)."""
 
+    def __init__(self, ds: RecordIODataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, np.int64]:
+        return self.ds.load_uint8(*item)
+
+
+def paddle_loader(ds: RecordIODataset, batch_size: int, workers: int):
+    """The previous design, for comparison: uint8 batches through paddle.io.DataLoader, normalised here."""
     sampler = ShardedBatchSampler(len(ds), batch_size, seed=0)
-    return paddle.io.DataLoader(_UInt8Samples(ds), places=paddle.CPUPlace(), batch_sampler=sampler,
-                                collate_fn=collate, num_workers=workers)
+    loader = paddle.io.DataLoader(_PaddleSamples(ds), places=paddle.CPUPlace(), batch_sampler=sampler,
+                                  num_workers=workers)
+    for images, labels in loader:
+        yield paddle.to_tensor(normalise_uint8(images.numpy())), labels
 
 
 def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int,
-                float32_transport: bool = False) -> tuple[float, float, float]:
+                paddle_transport: bool = False) -> tuple[float, float, float]:
     """(steady-state images/s, CPU us/image of all processes and of this one over the whole epoch)."""
-    if float32_transport:
-        loader = float32_from_workers(ds, batch_size, workers)
+    cpu = cpu_seconds()
+    if paddle_transport:
+        loader, batches = paddle_loader(ds, batch_size, workers), len(ds) // batch_size
     else:
         loader = build_dataloader(SimpleNamespace(batch_size=batch_size, num_workers=workers, seed=0), 0, 1, ds)
-    loader.batch_sampler.set_epoch(epoch)
-    cpu = cpu_seconds()
+        loader.batch_sampler.set_epoch(epoch)
+        batches = len(loader)
     count, start = 0, None
     for i, (images, _) in enumerate(loader):
         if i == 1:  # steady state from the third batch on
@@ -105,8 +118,10 @@ def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int,
         elif i > 1:
             count += images.shape[0]
     wall = time.perf_counter() - start
+    if not paddle_transport:
+        loader.close()  # workers exit, so their CPU time shows in RUSAGE_CHILDREN
     own, children = (after - before for after, before in zip(cpu_seconds(), cpu, strict=True))
-    images = len(loader) * batch_size
+    images = batches * batch_size
     return count / wall, (own + children) / images * 1e6, own / images * 1e6
 
 
@@ -119,43 +134,50 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-paddle", action="store_true", help="leave out the paddle.io.DataLoader comparison")
     args = parser.parse_args()
 
     root = ensure_synthetic(args.cache_dir, args.identities, args.images_per_id, args.val_pairs, args.seed)
     ds = RecordIODataset(root, train=True, seed=args.seed)
     payloads = [unpack(ds._reader.read_idx(int(key)))[1] for key in ds._keys]
     ceiling(payloads[:256])  # warm-up
-    runs: dict[str, list[tuple[float, float, float]]] = {"ceiling": [], "workers1": [], "workers2": [], "float32_1": []}
+    runs: dict[str, list[tuple[float, float, float]]] = {"ceiling": [], "workers1": [], "workers2": [], "paddle_1": []}
     for repeat in range(args.repeats):
         runs["ceiling"].append(ceiling(payloads))
         runs["workers1"].append(loader_rate(ds, args.batch_size, 1, repeat))
         runs["workers2"].append(loader_rate(ds, args.batch_size, 2, repeat))
-        runs["float32_1"].append(loader_rate(ds, args.batch_size, 1, repeat, float32_transport=True))
+        if not args.skip_paddle:
+            runs["paddle_1"].append(loader_rate(ds, args.batch_size, 1, repeat, paddle_transport=True))
+    runs = {name: values for name, values in runs.items() if values}
     rate = {name: float(np.median([r[0] for r in values])) for name, values in runs.items()}
     cpu = {name: float(np.median([r[1] for r in values])) for name, values in runs.items()}
     main_cpu = {name: float(np.median([r[2] for r in values])) for name, values in runs.items()}
     worker_cpu = cpu["workers1"] - main_cpu["workers1"]
+    # What these CPU costs allow on an idle 2-core machine: 1 worker and the training process on their own
+    # cores; with 2 workers every process shares the 2 cores (and the training process still needs its share).
+    projection = {"ceiling": round(1e6 / cpu["ceiling"]),
+                  "workers1": round(1e6 / max(worker_cpu, main_cpu["workers1"])),
+                  "workers2": round(min(2e6 / cpu["workers2"], 1e6 / main_cpu["workers2"]))}
     result = {
         "images": len(payloads), "batch_size": args.batch_size, "repeats": args.repeats,
         "ceiling_img_s": round(rate["ceiling"]), "workers1_img_s": round(rate["workers1"]),
-        "workers2_img_s": round(rate["workers2"]), "float32_handover_workers1_img_s": round(rate["float32_1"]),
+        "workers2_img_s": round(rate["workers2"]), "paddle_dataloader_workers1_img_s": round(rate.get("paddle_1", 0)),
         "workers1_vs_ceiling": round(rate["workers1"] / rate["ceiling"], 3),
         "workers2_vs_workers1": round(rate["workers2"] / rate["workers1"], 3),
         "cpu_us_per_img": {name: round(value, 1) for name, value in cpu.items()},
         "cpu_efficiency_vs_ceiling": round(cpu["ceiling"] / cpu["workers1"], 3),
         "workers1_cpu_us_per_img_worker_main": [round(worker_cpu, 1), round(main_cpu["workers1"], 1)],
-        # What these CPU costs allow on an idle 2-core machine: the worker and the training process on
-        # their own cores; with 2 workers, every process shares the 2 cores.
-        "idle_projection_img_s": {"ceiling": round(1e6 / cpu["ceiling"]),
-                                  "workers1": round(1e6 / max(worker_cpu, main_cpu["workers1"])),
-                                  "workers2": round(2e6 / cpu["workers2"])},
+        "idle_projection_img_s": projection,
+        "idle_projection_workers1_vs_ceiling": round(projection["workers1"] / projection["ceiling"], 3),
+        "idle_projection_workers2_vs_workers1": round(projection["workers2"] / projection["workers1"], 3),
         "cpu_us_per_img_in_process": breakdown(ds, payloads, args.batch_size),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(f"{'':<22}{'images/s':>10}{'CPU us/img':>12}")
     for name, label in (("ceiling", "cv2.imdecode ceiling"), ("workers1", "DataLoader 1 worker"),
-                        ("workers2", "DataLoader 2 workers"), ("float32_1", "(float32 hand-over, 1)")):
-        print(f"{label:<22}{rate[name]:>10.0f}{cpu[name]:>12.1f}")
+                        ("workers2", "DataLoader 2 workers"), ("paddle_1", "(paddle.io, 1 worker)")):
+        if name in rate:
+            print(f"{label:<22}{rate[name]:>10.0f}{cpu[name]:>12.1f}")
     print(json.dumps(result))
 
 

@@ -304,3 +304,127 @@ def test_resume_with_another_world_size_keeps_the_sample_position():
         odd.load_state_dict(two[0].state_dict())
     with pytest.raises(ValueError, match="num_samples=64"):
         D.ShardedBatchSampler(65, 8, seed=0).load_state_dict(two[0].state_dict())
+
+
+# -- worker processes: same batches, failures, shutdown ------------------------------------------------------
+def worker_processes(loader):
+    return list(loader._pool._processes) if loader._pool is not None else []
+
+
+def test_batches_are_the_same_with_0_1_2_workers_and_resume_with_workers(small_rec):
+    reference = run(D.build_dataloader(cfg_for(small_rec), 0, 1), 2)
+    for workers in (1, 2):
+        loader = D.build_dataloader(cfg_for(small_rec, num_workers=workers), 0, 1)
+        head = run(loader, 2, stop_after=4)  # abandons batches in flight: the next iteration must not see them
+        resumed = D.build_dataloader(cfg_for(small_rec, num_workers=workers), 0, 1)
+        resumed.batch_sampler.load_state_dict(loader.batch_sampler.state_dict())
+        for got in (head + run(loader, 2), head + run(resumed, 2)):
+            assert len(got) == len(reference)
+            for (a, la), (b, lb) in zip(got, reference, strict=True):
+                np.testing.assert_array_equal(a, b)
+                np.testing.assert_array_equal(la, lb)
+        loader.close()
+        resumed.close()
+
+
+def test_batch_tensors_stay_valid_while_used(small_rec):
+    """Batch arrays are reused once Paddle frees a tensor: a kept tensor, or one an autograd graph still
+    needs, must never be overwritten by later batches."""
+    import paddle
+
+    loader = D.build_dataloader(cfg_for(small_rec, num_workers=1), 0, 1)
+    kept = [(images, images.numpy().copy()) for images, _ in loader]
+    assert all(np.array_equal(t.numpy(), copy) for t, copy in kept)
+    weight = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 3, 3, 3)).astype(np.float32))
+    weight.stop_gradient = False
+    batches = iter(loader)
+    first = next(batches)[0]
+    expected = first.numpy().copy()
+    out = paddle.nn.functional.conv2d(first, weight, stride=8)
+    loss = (out * out).sum()
+    del first, out
+    for _ in range(4):  # later batches, each freed at once: they recycle any array that was given back
+        next(batches)
+    loss.backward()
+    reference = paddle.to_tensor(weight.numpy())
+    reference.stop_gradient = False
+    ref_out = paddle.nn.functional.conv2d(paddle.to_tensor(expected), reference, stride=8)
+    (ref_out * ref_out).sum().backward()
+    np.testing.assert_allclose(weight.grad.numpy(), reference.grad.numpy(), rtol=1e-6)
+    loader.close()
+
+
+def test_a_killed_worker_is_a_clear_error_not_a_hang(small_rec):
+    import os
+    import signal
+    import time
+
+    loader = D.build_dataloader(cfg_for(small_rec, num_workers=2), 0, 1)
+    batches = iter(loader)
+    next(batches)
+    victim = worker_processes(loader)[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"loader worker 1 \(pid {victim.pid}\) was killed by signal 9"):
+        list(batches)
+    assert time.monotonic() - start < 5
+    assert loader._pool is None or not loader._pool.close.alive  # the surviving worker was stopped too
+    consumed = loader.batch_sampler.consumed
+    assert 1 <= consumed < 6 and len(run(loader, 1)) == 6 - consumed  # new workers finish the epoch
+    loader.close()
+
+
+def test_dataset_errors_in_workers_are_raised_with_their_type(tmp_path):
+    root = write_rec(tmp_path / "c", [k % 2 for k in range(8)], payloads={3: b"\xff\xd8 not a jpeg"})
+    loader = D.build_dataloader(cfg_for(root, num_workers=1, batch_size=8), 0, 1,
+                                dataset=D.RecordIODataset(root, strict=True))
+    with pytest.raises(ValueError, match="key 3 is not a decodable image") as info:
+        next(iter(loader))
+    assert any("in loader worker pid" in note for note in info.value.__notes__)
+    processes = worker_processes(loader)
+    assert processes and all(p.is_alive() for p in processes)  # a bad sample does not cost the workers
+    loader.close()
+    assert not any(p.is_alive() for p in processes)
+
+
+def test_workers_stop_on_close_garbage_collection_and_ignore_ctrl_c(small_rec):
+    import gc
+    import os
+    import signal
+
+    loader = D.build_dataloader(cfg_for(small_rec, num_workers=2), 0, 1)
+    batches = iter(loader)
+    next(batches)
+    processes = worker_processes(loader)
+    os.kill(processes[0].pid, signal.SIGINT)  # Ctrl-C reaches the whole process group: only we may react
+    assert len(list(batches)) == 5 and all(p.is_alive() for p in processes)
+    del batches, loader
+    gc.collect()
+    assert not any(p.is_alive() for p in processes)
+
+
+def test_workers_exit_when_the_training_process_dies(small_rec, tmp_path):
+    """A SIGKILLed (out-of-memory) training process must not leave its workers behind."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys\n"
+        "import dataset as D\n"
+        "from types import SimpleNamespace\n"
+        f"cfg = SimpleNamespace(data={str(small_rec)!r}, batch_size=4, num_workers=2, seed=0, num_classes=None)\n"
+        "loader = D.build_dataloader(cfg, 0, 1)\n"
+        "next(iter(loader))\n"
+        "print(*(p.pid for p in loader._pool._processes), flush=True)\n"
+        "os._exit(0)  # no clean-up at all, as after SIGKILL\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(D.__file__).parent)}
+    pids = [int(p) for p in subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                                           check=True, timeout=60).stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)

@@ -1,7 +1,7 @@
 """The one image preprocessing shared by training, evaluation, export and inference.
 
 Convention (arcface_torch parity): RGB, 112x112, CHW float32, `(x / 255 - 0.5) / 0.5`.
-OpenCV decodes to BGR, so every decode here converts to RGB.
+OpenCV decodes to BGR by default; decoding here asks libjpeg/libpng for RGB directly (IMREAD_COLOR_RGB).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ _NORMALISE_LUT = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.floa
 def decode_rgb(buf: bytes | np.ndarray) -> np.ndarray:
     """Decode an encoded image (JPEG/PNG bytes) to HxWx3 uint8 RGB. Raises ValueError if it cannot be decoded."""
     arr = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) else buf
-    img = cv2.imdecode(arr, cv2.IMREAD_COLOR) if arr.size else None
+    img = cv2.imdecode(arr, cv2.IMREAD_COLOR_RGB) if arr.size else None  # = BGR decode + cvtColor, one pass less
     if img is None:
         raise ValueError("cannot decode image payload")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
 
 
 def preprocess(img_rgb: np.ndarray, flip: bool = False) -> np.ndarray:
