@@ -49,10 +49,12 @@ class _TorchRunningVar:
     """
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        # F.batch_norm directly, not super().forward: that warns on every training call, and dy2static
+        # (export) loses the class cell that a zero-argument super() needs, recursing forever
         if not self.training:
-            return super().forward(x)
+            return nn.functional.batch_norm(x, self._mean, self._variance, self.weight, self.bias, training=False,
+                                            epsilon=self._epsilon, data_format=self._data_format)
         previous = self._variance.detach().clone()
-        # F.batch_norm directly: super().forward would warn on every training call
         out = nn.functional.batch_norm(x, self._mean, self._variance, self.weight, self.bias, training=True,
                                        momentum=self._momentum, epsilon=self._epsilon, data_format=self._data_format)
         n = x.size // x.shape[1]
