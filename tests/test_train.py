@@ -7,6 +7,7 @@ takes a few seconds.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -69,6 +70,8 @@ def test_run_outputs(straight_run: Path) -> None:
     assert {"config.json", "train.log", "metrics.jsonl", "checkpoints", "model.pdparams",
             "best_synth_val.pdparams"} <= names
     assert not any(":" in p.name for p in straight_run.rglob("*"))
+    if importlib.util.find_spec("visualdl") is not None:
+        assert any((straight_run / "visualdl").iterdir())
     assert (straight_run / "checkpoints" / LATEST).read_text().strip() == "step_0000020"
     assert json.loads((straight_run / "config.json").read_text())["num_classes"] == 20
     log = (straight_run / "train.log").read_text()
