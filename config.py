@@ -253,7 +253,9 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog=prog, usage=f"{prog} [--config NAME] [--KEY VALUE ...]", allow_abbrev=False,
         description="Train an ArcFace model. Every config key can be overridden: --KEY VALUE "
-                    "(bools true/false, lists comma-separated, 'none' for optional keys).",
+                    "(bools true/false, lists comma-separated, 'none' for optional keys). The defaults shown are "
+                    "config.py's DEFAULTS; the chosen preset changes some of them (python config.py --config NAME "
+                    "prints the result).",
         epilog=f"presets: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     parser.add_argument("--config", default=DEFAULT_PRESET, metavar="NAME", help="named preset")
     for key, default in DEFAULTS.items():

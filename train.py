@@ -16,11 +16,13 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GLOG_minloglevel", "2")
+warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time note about C++ extensions
 
 import cv2
 import paddle
