@@ -3,11 +3,12 @@
     python bench/loader.py [--identities 500 --images-per-id 20 --batch-size 128 --repeats 3]
 
 All three read the same JPEG payloads (the synthetic set's train.rec). The ceiling is one process decoding
-payloads already in memory; the loader figures are steady-state images/s through `dataset.build_dataloader`
-(record read, decode, flip, normalise, batch, hand-over), the first two batches (worker start) excluded.
-CPU microseconds per image (all processes, workers included) are printed as well: on a shared machine they
-are steadier than wall-clock rates. For comparison, the last row is the previous design: the same uint8
-samples through paddle.io.DataLoader (fresh shared memory per batch). `cpu_us_per_img_in_process` times the
+payloads already in memory; the loader figures are images/s through `dataset.build_dataloader` (record read,
+decode, flip, normalise, batch, hand-over) over a whole epoch once its workers run (they persist across
+epochs). CPU microseconds per image (all processes, workers included; Linux /proc) are printed as well: on a
+shared machine they are steadier than wall-clock rates. For comparison, the last row is the previous design:
+the same uint8 samples through paddle.io.DataLoader (fresh shared memory per batch, workers forked per epoch,
+first two batches excluded). `cpu_us_per_img_in_process` times the
 steps without any worker: a worker's whole job (`load_batch`), its decode part, and the training process's
 normalisation. Runs are interleaved; figures are medians.
 """
@@ -63,12 +64,13 @@ def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> di
     n = len(payloads) - len(payloads) % batch_size
     images = np.empty((batch_size, 3, 112, 112), np.uint8)
     labels = np.empty(batch_size, np.int64)
+    out = np.empty(images.shape, np.float32)
     batches = np.arange(n).reshape(-1, batch_size)
     steps = {  # each result is dropped at once, as a training loop drops its batches
         "decode": (lambda p: cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR_RGB), payloads[:n]),
+        "read_record": (ds._sample, range(n)),
         "worker_load_batch": (lambda b: ds.load_batch(b, 0, images, labels), batches),
-        "main_normalise": (lambda _: normalise_uint8(images, out=np.from_dlpack(paddle.empty(images.shape))),
-                           batches),
+        "main_normalise": (lambda _: normalise_uint8(images, out=out), batches),  # into a reused array
     }
     result = {}
     for name, (step, items) in steps.items():
@@ -92,36 +94,50 @@ class _PaddleSamples(paddle.io.Dataset):
         return self.ds.load_uint8(*item)
 
 
-def paddle_loader(ds: RecordIODataset, batch_size: int, workers: int):
-    """The previous design, for comparison: uint8 batches through paddle.io.DataLoader, normalised here."""
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of a live process (Linux /proc): the loader's workers live as long as the loader."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int) -> tuple[float, float, float]:
+    """build_dataloader in steady state: (images/s, CPU us/image of all processes and of this one) over one
+    epoch, after a few batches of the previous epoch have started the workers."""
+    loader = build_dataloader(SimpleNamespace(batch_size=batch_size, num_workers=workers, seed=0), 0, 1, ds)
+    loader.batch_sampler.set_epoch(epoch)
+    for i, _ in enumerate(loader):  # start the workers, fill the spare batch arrays
+        if i == 4:
+            break
+    loader.batch_sampler.set_epoch(epoch + 1)
+    pids = [p.pid for p in loader._pool._processes] if workers else []
+    own, children = cpu_seconds()[0], sum(process_cpu_seconds(pid) for pid in pids)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    wall = time.perf_counter() - start
+    own, children = cpu_seconds()[0] - own, sum(process_cpu_seconds(pid) for pid in pids) - children
+    loader.close()
+    images = len(loader) * batch_size
+    return images / wall, (own + children) / images * 1e6, own / images * 1e6
+
+
+def paddle_loader_rate(ds: RecordIODataset, batch_size: int, workers: int) -> tuple[float, float, float]:
+    """The previous design, for comparison: uint8 batches through paddle.io.DataLoader (workers forked for the
+    epoch, as it was used), normalised here. (images/s from the third batch, CPU us/image all and this one)."""
     sampler = ShardedBatchSampler(len(ds), batch_size, seed=0)
     loader = paddle.io.DataLoader(_PaddleSamples(ds), places=paddle.CPUPlace(), batch_sampler=sampler,
                                   num_workers=workers)
-    for images, labels in loader:
-        yield paddle.to_tensor(normalise_uint8(images.numpy())), labels
-
-
-def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int,
-                paddle_transport: bool = False) -> tuple[float, float, float]:
-    """(steady-state images/s, CPU us/image of all processes and of this one over the whole epoch)."""
     cpu = cpu_seconds()
-    if paddle_transport:
-        loader, batches = paddle_loader(ds, batch_size, workers), len(ds) // batch_size
-    else:
-        loader = build_dataloader(SimpleNamespace(batch_size=batch_size, num_workers=workers, seed=0), 0, 1, ds)
-        loader.batch_sampler.set_epoch(epoch)
-        batches = len(loader)
     count, start = 0, None
     for i, (images, _) in enumerate(loader):
-        if i == 1:  # steady state from the third batch on
+        paddle.to_tensor(normalise_uint8(images.numpy()))
+        if i == 1:
             start = time.perf_counter()
         elif i > 1:
-            count += images.shape[0]
+            count += batch_size
     wall = time.perf_counter() - start
-    if not paddle_transport:
-        loader.close()  # workers exit, so their CPU time shows in RUSAGE_CHILDREN
     own, children = (after - before for after, before in zip(cpu_seconds(), cpu, strict=True))
-    images = batches * batch_size
+    images = len(sampler) * batch_size
     return count / wall, (own + children) / images * 1e6, own / images * 1e6
 
 
@@ -144,10 +160,10 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float, float]]] = {"ceiling": [], "workers1": [], "workers2": [], "paddle_1": []}
     for repeat in range(args.repeats):
         runs["ceiling"].append(ceiling(payloads))
-        runs["workers1"].append(loader_rate(ds, args.batch_size, 1, repeat))
-        runs["workers2"].append(loader_rate(ds, args.batch_size, 2, repeat))
+        runs["workers1"].append(loader_rate(ds, args.batch_size, 1, 2 * repeat))
+        runs["workers2"].append(loader_rate(ds, args.batch_size, 2, 2 * repeat))
         if not args.skip_paddle:
-            runs["paddle_1"].append(loader_rate(ds, args.batch_size, 1, repeat, paddle_transport=True))
+            runs["paddle_1"].append(paddle_loader_rate(ds, args.batch_size, 1))
     runs = {name: values for name, values in runs.items() if values}
     rate = {name: float(np.median([r[0] for r in values])) for name, values in runs.items()}
     cpu = {name: float(np.median([r[1] for r in values])) for name, values in runs.items()}
@@ -167,6 +183,7 @@ def main() -> None:
         "cpu_us_per_img": {name: round(value, 1) for name, value in cpu.items()},
         "cpu_efficiency_vs_ceiling": round(cpu["ceiling"] / cpu["workers1"], 3),
         "workers1_cpu_us_per_img_worker_main": [round(worker_cpu, 1), round(main_cpu["workers1"], 1)],
+        "main_process_cpu_us_per_img": {name: round(value, 1) for name, value in main_cpu.items()},
         "idle_projection_img_s": projection,
         "idle_projection_workers1_vs_ceiling": round(projection["workers1"] / projection["ceiling"], 3),
         "idle_projection_workers2_vs_workers1": round(projection["workers2"] / projection["workers1"], 3),
