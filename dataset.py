@@ -41,7 +41,7 @@ from utils.image import INPUT_SIZE, decode_rgb, preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _MAX_SUBSTITUTES = 64  # consecutive undecodable samples tolerated before giving up
-_SPARE_BUFFERS = 4  # float32 batch arrays kept for reuse (see _LentBuffer)
+_SPARE_BUFFERS = 2  # float32 batch arrays kept for reuse: one in training, one being filled (see _LentBuffer)
 # The normalisation table, read off `preprocess` itself so the batched path can never disagree with it.
 _TABLE = preprocess(np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2))[0, 0].copy()
 _M64 = (1 << 64) - 1
