@@ -422,7 +422,7 @@ class FaceDataLoader:
 
     Worker processes (forked once, on the first iteration, and kept) decode, flip and CHW-split uint8 images
     straight into a ring of shared-memory batch slots allocated before the fork; the training process turns a
-    slot into a fresh float32 tensor with one table lookup per image and hands the slot back. Nothing is
+    slot into a float32 tensor with one table lookup per pixel and hands the slot back. Nothing is
     mapped, pickled or copied per batch besides that lookup: Paddle's DataLoader maps fresh shared memory for
     every batch, and its page faults cost more than the decoding here (bench/results_data_reader.md).
     Batch k goes to worker k % num_workers, so batches arrive in sampler order whatever the worker count.
@@ -520,6 +520,7 @@ class _WorkerPool:
         self.generation, self.submitted, self.in_flight = 0, 0, 0
         context = multiprocessing.get_context("fork")
         self._connections, self._processes = [], []
+        self.close = weakref.finalize(self, _stop_workers, self._processes, self._connections)
         for w in range(num_workers):
             ours, theirs = context.Pipe()
             process = context.Process(target=_worker_loop, name=f"face-loader-{w}", daemon=True,
@@ -528,7 +529,6 @@ class _WorkerPool:
             theirs.close()
             self._connections.append(ours)
             self._processes.append(process)
-        self.close = weakref.finalize(self, _stop_workers, self._processes, self._connections)
 
     def restart(self) -> int:
         """Wait out the batches still in flight from an earlier iteration; a new generation starts."""
