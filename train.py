@@ -93,29 +93,21 @@ def _build_optimizer(cfg: Config, backbone: paddle.nn.Layer, scheduler: Polynomi
                                   weight_decay=cfg.weight_decay, grad_clip=clip)
 
 
-def _local_classes(num_classes: int, rank: int, world: int) -> int:
-    """Centres on `rank` (contiguous split, the first num_classes % world ranks hold one more)."""
-    return num_classes // world + (rank < num_classes % world)
-
-
 def _epoch_progress(loader: Any) -> float:
     """Epochs done so far, from the sampler's position (right across a change of world size)."""
     state = loader.batch_sampler.state_dict()
     return state["epoch"] + state["batch"] / len(loader)
 
 
+def _plain(state: dict[str, Any]) -> dict[str, Any]:
+    """Numbers, not tensors (the GradScaler's state goes into trainer_state.json)."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in state.items()}
+
+
 def _last_checkpoint(run_dir: Path) -> str:
     latest = run_dir / ckpt_io.CHECKPOINTS / ckpt_io.LATEST
     return f"last good checkpoint: {latest.parent / latest.read_text().strip()}" if latest.is_file() else \
         "no checkpoint was written yet"
-
-
-def _save_backbone(backbone: paddle.nn.Layer, path: Path) -> None:
-    """model.pdparams for inference and export, replaced atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    paddle.save(getattr(backbone, "_layers", backbone).state_dict(), str(tmp))
-    ckpt_io._fsync(tmp)
-    os.replace(tmp, path)
 
 
 def train(cfg: Config) -> int:
@@ -179,10 +171,10 @@ def train(cfg: Config) -> int:
 
     samples_per_step = cfg.batch_size * world * cfg.gradient_acc
     head_states = 1 + (2 if cfg.optimizer == "adamw" else 1)
-    local = _local_classes(cfg.num_classes, rank, world)
-    log.info("plan: %d classes (%d centres on rank 0, %.1f MB head state per rank: weights + %s), %d images, "
+    local = pfc.num_local
+    log.info("plan: %d classes (%d centres on rank %d, %.1f MB head state per rank: weights + %s), %d images, "
              "%d samples per epoch, %d steps of %d samples (%d epochs, %d warm-up steps)",
-             cfg.num_classes, local, local * cfg.embedding_size * 4 * head_states / 2**20,
+             cfg.num_classes, local, rank, local * cfg.embedding_size * 4 * head_states / 2**20,
              "momentum" if cfg.optimizer == "sgd" else "Adam moments", len(dataset),
              micro_per_epoch * cfg.batch_size * world, total_steps, samples_per_step, cfg.num_epoch, warmup_steps)
     if world > 1:  # every rank says what it holds (the launcher's workerlog.N)
@@ -202,7 +194,7 @@ def train(cfg: Config) -> int:
 
     def save(at_step: int) -> None:
         trainer_state = {"epoch": _epoch_progress(loader), "sampler": loader.batch_sampler.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None}
+                         "scaler": _plain(scaler.state_dict()) if scaler is not None else None}
         path = ckpt_io.save_checkpoint(run_dir, at_step, backbone=getattr(backbone, "_layers", backbone),
                                        optimizer=optimizer, pfc=pfc, trainer_state=trainer_state, cfg=cfg,
                                        rank=rank, world=world, keep=cfg.keep_checkpoints)
@@ -276,7 +268,7 @@ def train(cfg: Config) -> int:
 
     save(step)
     if rank == 0:
-        _save_backbone(backbone, run_dir / "model.pdparams")
+        ckpt_io.save_paddle_atomic(getattr(backbone, "_layers", backbone).state_dict(), run_dir / "model.pdparams")
     results = verify(step)
     for name, acc in results.items():
         best = callback.best[name]

@@ -37,7 +37,7 @@ def tiny_args(cache_dir: Path, output: Path, run_name: str, *extra: str) -> list
     return ["--cache_dir", str(cache_dir), "--synthetic_identities", "20", "--synthetic_images_per_id", "2",
             "--synthetic_val_pairs", "20", "--width", "0.25", "--embedding_size", "64", "--batch_size", "8",
             "--threads", "1", "--num_workers", "0", "--num_epoch", "4", "--log_every", "1", "--val_targets", "",
-            "--val_at_start", "false", "--output", str(output), "--run_name", run_name, *extra]
+            "--val_at_start", "false", "--lr", "0.1", "--output", str(output), "--run_name", run_name, *extra]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

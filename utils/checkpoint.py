@@ -66,6 +66,14 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def save_paddle_atomic(obj: Any, path: Path) -> None:
+    """paddle.save to a temp name in the same directory, fsync, os.replace (e.g. model.pdparams)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    paddle.save(obj, str(tmp))
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's python, numpy and paddle RNG state as JSON-able data."""
     np_state = np.random.get_state()
