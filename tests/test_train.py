@@ -218,6 +218,15 @@ def test_nan_loss_stops_after_k_bad_steps_and_keeps_the_last_checkpoint(cache_di
     _complete(root / (root / LATEST).read_text().strip())
 
 
+def test_gradient_accumulation_steps_the_schedule_per_update(cache_dir: Path, tmp_path: Path) -> None:
+    """gradient_acc 2: 20 batches make 10 optimizer steps, and the LR schedule spans those 10."""
+    assert train.main(tiny_args(cache_dir, tmp_path, "acc", "--gradient_acc", "2")) == 0
+    records = [json.loads(line) for line in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert [r["lr"] for r in records] == pytest.approx([0.1 * (1 - t / 10) for t in range(10)])
+    assert "10 steps of 16 samples" in (tmp_path / "acc" / "train.log").read_text()
+
+
 def test_plot_metrics(straight_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "curves.png"
     cmd = [sys.executable, "tools/plot_metrics.py", str(straight_run), "--out", str(out)]
