@@ -9,8 +9,8 @@ epochs). CPU microseconds per image (all processes, workers included; Linux /pro
 shared machine they are steadier than wall-clock rates. For comparison, the last row is the previous design:
 the same uint8 samples through paddle.io.DataLoader (fresh shared memory per batch, workers forked per epoch,
 first two batches excluded). `cpu_us_per_img_in_process` times the
-steps without any worker: a worker's whole job (`load_batch`), its decode part, and the training process's
-normalisation. Runs are interleaved; figures are medians.
+steps without any worker: a worker's whole job (`load_batch`), its decode (alone and with the CHW split) and
+record-read parts, and the training process's normalisation. Runs are interleaved; figures are medians.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> di
     batches = np.arange(n).reshape(-1, batch_size)
     steps = {  # each result is dropped at once, as a training loop drops its batches
         "decode": (lambda p: cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR_RGB), payloads[:n]),
+        "decode_chw_split": (lambda p: cv2.split(cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR_RGB),
+                                                 list(images[0])), payloads[:n]),
         "read_record": (ds._sample, range(n)),
         "worker_load_batch": (lambda b: ds.load_batch(b, 0, images, labels), batches),
         "main_normalise": (lambda _: normalise_uint8(images, out=out), batches),  # into a reused array
