@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 CLASSES = 1000
 
 
-def paddle_runner(name: str, batch: int, numpy_prelu: bool) -> dict[str, Callable[[], None]]:
+def paddle_runner(name: str, batch: int, numpy_prelu: bool, width: float = 1.0) -> dict[str, Callable[[], None]]:
     import numpy as np
     import paddle
 
@@ -35,7 +35,7 @@ def paddle_runner(name: str, batch: int, numpy_prelu: bool) -> dict[str, Callabl
     from backbones.layers import PReLU
 
     paddle.seed(0)
-    model = get_model(name)
+    model = get_model(name, width=width)
     head = paddle.nn.Linear(512, CLASSES)
     params = model.parameters() + head.parameters()
     optimizer = paddle.optimizer.Momentum(0.1, 0.9, parameters=params, weight_decay=5e-4)
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-runs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--width", type=float, default=1.0, help="channel width (< 1: Paddle only, no torch)")
     parser.add_argument("--plain", action="store_true", help="also time Paddle's own PReLU kernel (F.prelu)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch reference")
     parser.add_argument("--cpu-time", action="store_true",
@@ -184,14 +185,15 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"{'network':<10}{'variant':<16}{'train step s':>13}{'img/s':>8}{'latency b1 ms':>15}"
               f"{'b64 img/s':>11}   speed vs paddle (train / b1 / b64)")
     print(f"# paddle {paddle.__version__}" + (f", torch {torch.__version__}" if torch else "")
-          + f", {args.threads} threads, batch {args.batch_size}, medians of {'CPU' if args.cpu_time else 'wall'} time, "
+          + f", {args.threads} threads, batch {args.batch_size}, width {args.width}, "
+          f"medians of {'CPU' if args.cpu_time else 'wall'} time, "
           f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE', '(unset)')!r}", flush=True)
     print(header, flush=True)
     for name in networks:
-        variants = {"paddle": paddle_runner(name, args.batch_size, numpy_prelu=True)}
+        variants = {"paddle": paddle_runner(name, args.batch_size, numpy_prelu=True, width=args.width)}
         if args.plain:
-            variants["paddle-F.prelu"] = paddle_runner(name, args.batch_size, numpy_prelu=False)
-        if torch is not None:
+            variants["paddle-F.prelu"] = paddle_runner(name, args.batch_size, numpy_prelu=False, width=args.width)
+        if torch is not None and args.width == 1.0:
             variants["torch"] = torch_runner(name, args.batch_size)
         result = bench_network(name, variants, args.steps, args.latency_runs, clock)
         base = result["paddle"]
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                          "latency_b1_ms": round(r["latency"] * 1e3, 2),
                          "throughput_b64_img_s": round(64 / r["throughput"], 2)})
         del variants
-    print(json.dumps({"bench": "backbones", "threads": args.threads, "batch_size": args.batch_size,
+    print(json.dumps({"bench": "backbones", "threads": args.threads, "batch_size": args.batch_size, "width": args.width,
                       "clock": "cpu" if args.cpu_time else "wall",
                       "steps": args.steps, "results": rows}))
 
