@@ -7,7 +7,8 @@ with oneDNN on and off, ONNX Runtime. All run the SAME weights: random torch wei
 calibrated) converted with paddle_pretrainedmodel/convert_torch.py and exported with tools/export.py; the
 embeddings of every runtime are checked against torch's. Each runtime is timed in a process of its own (torch
 runs 3x slower in a process that has also loaded Paddle: two OpenMP runtimes fight over the cores), the runtimes
-take turns for --rounds rounds, and medians are reported. Prints a table and one JSON line per network.
+take turns for --rounds rounds; medians are reported, and the best run (least disturbed by other load). Prints a
+table and one JSON line per network.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def bench(network: str, threads: int, repeats_b1: int, repeats_b64: int, rounds:
         m1, m64 = statistics.median(times[name]["b1_s"]), statistics.median(times[name]["b64_s"])
         rows[name] = {"b1_ms": round(m1 * 1000, 1), "b64_img_s": round(64 / m64, 1),
                       "b1_speed_vs_torch": round(torch_b1 / m1, 2), "b64_speed_vs_torch": round(torch_b64 / m64, 2),
+                      # the fastest run: the least disturbed by other processes on a shared machine
+                      "b1_best_ms": round(min(times[name]["b1_s"]) * 1000, 1),
+                      "b64_best_img_s": round(64 / min(times[name]["b64_s"]), 1),
                       "max_abs_diff_vs_torch": float(np.abs(outputs[name] - outputs["torch eager"]).max())}
     return {"network": network, "threads": threads, "repeats": [repeats_b1, repeats_b64], "rounds": rounds,
             "runtimes": rows}
@@ -144,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     for network in args.networks.split(","):
         result = bench(network, args.threads, args.repeats_b1, args.repeats_b64, args.rounds)
         print(f"\n{network}, {args.threads} threads (speed vs torch eager: > 1 is faster)")
-        print(f"{'runtime':<28} {'b1 ms':>8} {'x torch':>8} {'b64 img/s':>10} {'x torch':>8} {'max|diff|':>10}")
+        print(f"{'runtime':<28} {'b1 ms':>8} {'x torch':>8} {'b64 img/s':>10} {'x torch':>8} {'best b1':>8} "
+              f"{'best b64':>9} {'max|diff|':>10}")
         for name, row in result["runtimes"].items():
             print(f"{name:<28} {row['b1_ms']:>8} {row['b1_speed_vs_torch']:>8} {row['b64_img_s']:>10} "
-                  f"{row['b64_speed_vs_torch']:>8} {row['max_abs_diff_vs_torch']:>10.1e}")
+                  f"{row['b64_speed_vs_torch']:>8} {row['b1_best_ms']:>8} {row['b64_best_img_s']:>9} "
+                  f"{row['max_abs_diff_vs_torch']:>10.1e}")
         print(json.dumps(result), flush=True)
     return 0
 
