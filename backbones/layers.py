@@ -84,11 +84,13 @@ def batch_norm_1d(features: int, frozen_weight: bool = False) -> BatchNorm1D:
 
 
 class _NumpyPReLU(PyLayer):
-    """PReLU on CPU computed in NumPy on zero-copy DLPack views.
+    """PReLU on CPU computed in NumPy on zero-copy DLPack views of Paddle tensors.
 
     Paddle's CPU prelu kernels are scalar loops with a division per element: forward and backward cost
     ~25% of an mbf training step. NumPy's vectorised passes are 4-8x faster forward, 3-4x backward
     (bench/results_backbones.md). Same convention as F.prelu and torch at x == 0 (negative branch).
+    Results are written into Paddle-allocated tensors: handing NumPy-owned memory to Paddle
+    (paddle.from_dlpack of an ndarray) made a resumed 2-rank training run diverge from the original.
     """
 
     @staticmethod
@@ -96,22 +98,27 @@ class _NumpyPReLU(PyLayer):
         ctx.save_for_backward(x, weight)
         xn = np.from_dlpack(x.detach())
         slope = np.from_dlpack(weight.detach()).reshape(1, -1, *([1] * (xn.ndim - 2)))
-        out = np.minimum(xn, 0)  # x + (a - 1) * min(x, 0)
-        out *= slope - 1
-        out += xn
-        return paddle.from_dlpack(out)
+        out = paddle.empty_like(x)  # Paddle owns every buffer; NumPy only writes into it
+        on = np.from_dlpack(out)
+        np.minimum(xn, 0, out=on)  # x + (a - 1) * min(x, 0)
+        on *= slope - 1
+        on += xn
+        return out
 
     @staticmethod
     def backward(ctx, grad: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         x, weight = ctx.saved_tensor()
         xn, gn = np.from_dlpack(x.detach()), np.from_dlpack(grad.detach())
         slope = np.from_dlpack(weight.detach()).reshape(1, -1, *([1] * (xn.ndim - 2)))
-        grad_neg = np.where(xn > 0, 0, gn)
+        grad_x = paddle.empty_like(grad)
+        grad_weight = paddle.empty_like(weight)
+        gx = np.from_dlpack(grad_x)
+        np.multiply(gn, xn <= 0, out=gx)  # g * [x <= 0]
         n, c = xn.shape[:2]
-        grad_weight = np.einsum("ncs,ncs->c", grad_neg.reshape(n, c, -1), xn.reshape(n, c, -1))
-        grad_neg *= slope - 1  # grad_x = g + (a - 1) * g * [x <= 0]
-        grad_neg += gn
-        return paddle.from_dlpack(grad_neg), paddle.from_dlpack(grad_weight)
+        np.einsum("ncs,ncs->c", gx.reshape(n, c, -1), xn.reshape(n, c, -1), out=np.from_dlpack(grad_weight))
+        gx *= slope - 1  # grad_x = g + (a - 1) * g * [x <= 0]
+        gx += gn
+        return grad_x, grad_weight
 
 
 class PReLU(nn.Layer):
