@@ -106,16 +106,20 @@ class _NumpyPReLU(PyLayer):
         return out
 
     @staticmethod
-    def backward(ctx, grad: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def backward(ctx, grad: paddle.Tensor) -> tuple[paddle.Tensor | None, paddle.Tensor | None]:
         x, weight = ctx.saved_tensor()
         xn, gn = np.from_dlpack(x.detach()), np.from_dlpack(grad.detach())
         slope = np.from_dlpack(weight.detach()).reshape(1, -1, *([1] * (xn.ndim - 2)))
         grad_x = paddle.empty_like(grad)
-        grad_weight = paddle.empty_like(weight)
         gx = np.from_dlpack(grad_x)
         np.multiply(gn, xn <= 0, out=gx)  # g * [x <= 0]
-        n, c = xn.shape[:2]
-        np.einsum("ncs,ncs->c", gx.reshape(n, c, -1), xn.reshape(n, c, -1), out=np.from_dlpack(grad_weight))
+        grad_weight = None
+        if not weight.stop_gradient:  # a frozen slope (fine-tuning) must get None, not a gradient
+            grad_weight = paddle.empty_like(weight)
+            n, c = xn.shape[:2]
+            np.einsum("ncs,ncs->c", gx.reshape(n, c, -1), xn.reshape(n, c, -1), out=np.from_dlpack(grad_weight))
+        if x.stop_gradient:
+            return None, grad_weight
         gx *= slope - 1  # grad_x = g + (a - 1) * g * [x <= 0]
         gx += gn
         return grad_x, grad_weight
@@ -124,8 +128,9 @@ class _NumpyPReLU(PyLayer):
 class PReLU(nn.Layer):
     """Per-channel PReLU (init 0.25) whose parameter is called `weight`, as in torch (Paddle's is `_weight`).
 
-    Dygraph float32 on CPU runs the NumPy kernel above (unless `numpy_on_cpu` is switched off, for comparisons);
-    GPU, AMP and static graphs (export) use F.prelu.
+    Dygraph float32 on CPU runs the NumPy kernel above; GPU, AMP and static graphs (export) use F.prelu.
+    Switch `PReLU.numpy_on_cpu` off for comparisons, or to take `paddle.grad` with respect to only some inputs
+    (Paddle requires a PyLayer to return None for every tensor not asked for, which it cannot know).
     """
 
     numpy_on_cpu = True

@@ -118,6 +118,37 @@ def profile_step(name: str, batch: int) -> None:
                  views=[profiler.SummaryView.OperatorView])
 
 
+def micro(repeats: int = 6) -> None:
+    """CPU time of single layers (forward, backward) at mbf's 56x56 stage, batch 16: PReLU kernels, convolutions."""
+    import numpy as np
+    import paddle
+    import paddle.nn.functional as F
+
+    from backbones.layers import _NumpyPReLU
+
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.normal(size=(16, 128, 56, 56)).astype(np.float32), stop_gradient=False)
+    slope = paddle.to_tensor(rng.uniform(0, 0.5, 128).astype(np.float32), stop_gradient=False)
+    cases = {"F.prelu": lambda: F.prelu(x, slope), "numpy PReLU": lambda: _NumpyPReLU.apply(x, slope)}
+    for label, layer in (("conv1x1 128->128", paddle.nn.Conv2D(128, 128, 1, bias_attr=False)),
+                         ("conv3x3 128->128", paddle.nn.Conv2D(128, 128, 3, padding=1, bias_attr=False)),
+                         ("depthwise 3x3", paddle.nn.Conv2D(128, 128, 3, padding=1, groups=128, bias_attr=False))):
+        cases[label] = lambda layer=layer: layer(x)
+    print(f"# [16, 128, 56, 56], CPU time, median of {repeats}, "
+          f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE', '(unset)')!r}")
+    for label, fn in cases.items():
+        times = []
+        for _ in range(repeats):
+            x.clear_gradient()
+            start = time.process_time()
+            y = fn()
+            middle = time.process_time()
+            y.backward(paddle.ones_like(y))  # full backward: input and weight gradients
+            times.append((middle - start, time.process_time() - middle))
+        forward, backward = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        print(f"{label:<18} forward {forward * 1e3:7.1f} ms   backward {backward * 1e3:7.1f} ms", flush=True)
+
+
 def timed(fn: Callable[[], None], clock: Callable[[], float]) -> float:
     start = clock()
     fn()
@@ -154,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with the process CPU clock (with --threads 1: robust on a machine shared with "
                              "other jobs, where wall time measures the scheduler)")
+    parser.add_argument("--micro", action="store_true", help="instead: single-layer timings (PReLU kernels, convs)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: paddle.profiler operator table of one Paddle training step")
     args = parser.parse_args(argv)
@@ -176,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown network(s) {', '.join(unknown)}")
 
+    if args.micro:
+        micro()
+        return
     if args.profile:
         for name in networks:
             profile_step(name, args.batch_size)

@@ -155,6 +155,26 @@ def test_numpy_prelu_equals_paddle_prelu() -> None:
         np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("freeze_input", "freeze_slope"), [(False, True), (True, False)])
+def test_numpy_prelu_with_frozen_inputs(freeze_input: bool, freeze_slope: bool) -> None:
+    """Fine-tuning freezes tensors: the frozen side gets no gradient, the other the exact one.
+
+    (Compared with the formula: Paddle's own F.prelu CPU backward segfaults when x needs no gradient.)
+    """
+    layer = PReLU(4)
+    layer.weight.stop_gradient = freeze_slope
+    x_np = np.random.default_rng(2).normal(size=(2, 4, 3, 3)).astype(np.float32)
+    x = paddle.to_tensor(x_np, stop_gradient=freeze_input)
+    layer(x).sum().backward()
+    slope = layer.weight.numpy().reshape(1, 4, 1, 1)
+    if freeze_input:
+        assert x.grad is None
+        np.testing.assert_allclose(layer.weight.grad.numpy(), np.minimum(x_np, 0).sum((0, 2, 3)), rtol=1e-6)
+    else:
+        assert layer.weight.grad is None
+        np.testing.assert_array_equal(x.grad.numpy(), np.where(x_np > 0, 1, slope).astype(np.float32))
+
+
 @pytest.mark.parametrize("name", ["mbf", "r18"])
 def test_fast_paths_give_plain_dygraph_gradients(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole network with the NumPy PReLU: first-step gradients and a 3-step loss curve equal F.prelu's.
