@@ -73,8 +73,11 @@ def faces_from_file(path: str | Path, image_shape: tuple[int, ...]) -> list[dict
 
 
 def faces_from_haar(image_rgb: np.ndarray) -> list[dict]:
-    """Built-in fallback: OpenCV's frontal-face Haar cascade (alt2, which missed fewer synthetic demo faces than
-    the default cascade); boxes only, so the faces get the rougher box crop."""
+    """Built-in fallback: OpenCV's frontal-face Haar cascade; boxes only, so the faces get the rougher box crop.
+
+    alt2 and the default cascade find about as many synthetic demo faces (bench/recognize_haar.py), neither with
+    false detections; alt2 finds 4 of the 5 on the default demo photo, the default cascade 3.
+    """
     cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / HAAR_CASCADE))
     if cascade.empty():
         raise ValueError(f"{HAAR_CASCADE}: not found in this OpenCV's cv2.data.haarcascades "
