@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
             demo = Path(tmp) / str(seed)
-            make_demo(demo, identities=args.identities, gallery_images=1, seed=seed)
+            make_demo(demo, identities=args.identities, seed=seed)  # the photo of `make_face_demo.py --seed`
             gray = cv2.cvtColor(read_rgb(demo / "photo.png"), cv2.COLOR_RGB2GRAY)
             truth = json.loads((demo / "faces.json").read_text())
             total += len(truth)
