@@ -81,6 +81,15 @@ def test_haar_no_face_in_background(setup, tmp_path, capsys):
     assert not (tmp_path / "out.png").exists()
 
 
+def test_haar_cascade_missing(setup, tmp_path, capsys, monkeypatch):
+    demo, index, model = setup
+    monkeypatch.setattr(cv2.data, "haarcascades", str(tmp_path))  # as in OpenCV 5, which ships no cascades
+    assert recognize_tool.main(["--image", str(demo / "photo.png"), "--index", str(index),
+                                "--out", str(tmp_path / "out.png"), *model]) == 1
+    assert "haarcascade_frontalface_alt2.xml: no Haar cascade in OpenCV" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_box_without_landmarks_and_unknown_label(setup, tmp_path, capsys):
     demo, index, model = setup
     faces = json.loads((demo / "faces.json").read_text())

@@ -78,10 +78,11 @@ def faces_from_haar(image_rgb: np.ndarray) -> list[dict]:
     alt2 found 24 of 40 synthetic demo faces, the default cascade 21, neither any false detection
     (bench/recognize_haar.py, seeds 0-7); on the default demo photo 4 and 3 of 5.
     """
-    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / HAAR_CASCADE))
-    if cascade.empty():
-        raise ValueError(f"{HAAR_CASCADE}: not found in this OpenCV's cv2.data.haarcascades "
-                         "(give --faces FILE or --detector YUNET.onnx)")
+    path = Path(cv2.data.haarcascades) / HAAR_CASCADE
+    if not (hasattr(cv2, "CascadeClassifier") and path.is_file()):  # OpenCV 5 dropped both
+        raise ValueError(f"{path}: no Haar cascade in OpenCV {cv2.__version__} (install the pinned "
+                         "opencv-python-headless 4.14, or give --faces FILE or --detector YUNET.onnx)")
+    cascade = cv2.CascadeClassifier(str(path))
     boxes = cascade.detectMultiScale(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY), scaleFactor=1.1, minNeighbors=3,
                                      minSize=(40, 40))
     return [{"box": np.array([x, y, x + w, y + h], dtype=np.float64), "landmarks": None} for x, y, w, h in boxes]
