@@ -91,8 +91,8 @@ _ARCFACE_TORCH = {"fp16": True, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Quick start: the built-in synthetic set and a quarter-width MobileFaceNet, a few minutes on 2 CPU cores.
-    "synthetic": {"network": "mbf", "width": 0.25, "embedding_size": 128, "batch_size": 64, "lr": 0.2,
-                  "weight_decay": 5e-4, "num_epoch": 4, "warmup_epoch": 0, "synthetic_identities": 100,
+    "synthetic": {"network": "mbf", "width": 0.25, "embedding_size": 128, "batch_size": 64, "lr": 0.1,
+                  "weight_decay": 5e-4, "num_epoch": 6, "warmup_epoch": 0, "synthetic_identities": 100,
                   "synthetic_images_per_id": 16, "synthetic_val_pairs": 600, "val_targets": ["synth_val"],
                   "val_at_start": True, "val_every": 0, "log_every": 10, "num_workers": 2},
     "ms1mv2_r50": {**_ARCFACE_TORCH, **_MS1MV2, "network": "r50", "loss": "arcface", "weight_decay": 1e-4},
