@@ -180,16 +180,18 @@ def train(cfg: Config) -> int:
     if world > 1:  # every rank says what it holds (the launcher's workerlog.N)
         print(f"rank {rank}: {local} centres", flush=True)
 
+    # Every rank embeds its share of the verification images: gloo gives up on a collective after 30 s, so rank 0
+    # evaluating alone while the others wait at a barrier would fail on any real evaluation.
     callback = None
-    if rank == 0 and cfg.val_targets:
-        callback = VerificationCallback(data_dir, cfg.val_targets, cfg.val_batch_size, run_dir, log)
+    if cfg.val_targets:
+        callback = VerificationCallback(data_dir, cfg.val_targets, cfg.val_batch_size, run_dir, log, rank=rank,
+                                        world_size=world)
     metrics = MetricsWriter(run_dir) if rank == 0 else None
 
     def verify(at_step: int) -> dict[str, float]:
         results = callback(at_step, backbone) if callback is not None else {}
         if results and metrics is not None:
             metrics.write({"step": at_step, **{f"val/{k}": v for k, v in results.items()}})
-        barrier(world)
         return results
 
     def save(at_step: int) -> None:

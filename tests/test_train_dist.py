@@ -30,7 +30,9 @@ def dist_args(cache_dir: Path, output: Path, run_name: str, *extra: str) -> list
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("dist")
-    proc = launch("train.py", *dist_args(cache, out, "two"), log_dir=out / "log", nproc=2)
+    # with verification on both ranks (each embeds half the pairs) at step 5 and at the end
+    proc = launch("train.py", *dist_args(cache, out, "two", "--val_targets", "synth_val", "--val_every", "5"),
+                  log_dir=out / "log", nproc=2)
     assert proc.returncode == 0, proc.logs
     return cache, out / "two"
 
@@ -49,6 +51,9 @@ def test_two_ranks_train_and_write_their_shards(two_rank_run: tuple[Path, Path])
     assert (ckpt / "backbone.pdparams").is_file() and (run / "model.pdparams").is_file()
     log = (run / "train.log").read_text()
     assert "rank 0 of 2" in log and "10 centres on rank 0" in log and "32 samples per epoch" in log
+    assert "accuracy after training (step 10): synth_val" in log
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "val/synth_val" in line] == [5, 10]
 
 
 def test_exact_resume_on_two_ranks(two_rank_run: tuple[Path, Path], tmp_path: Path) -> None:
