@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-
 import cv2
 import paddle
 
-from backbones import get_model
+from backbones import get_model, load_weights
 from config import Config, ConfigError, format_config, parse_args
 from dataset import build_dataloader, build_dataset, dataset_dir
 from eval.callback import VerificationCallback
@@ -139,7 +139,7 @@ def train(cfg: Config) -> int:
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, fp16=use_amp, dropout=cfg.dropout,
                          width=cfg.width)
     if cfg.init_backbone:
-        ckpt_io.load_backbone_weights(backbone, cfg.init_backbone)
+        load_weights(backbone, cfg.init_backbone, f"{cfg.network} (width {cfg.width}, embedding {cfg.embedding_size})")
         log.info("fine-tuning: backbone initialised from %s, new head", cfg.init_backbone)
     pfc = PartialFC(build_margin_loss(cfg), cfg.embedding_size, cfg.num_classes, sample_rate=cfg.sample_rate,
                     fp16=use_amp, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

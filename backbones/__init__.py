@@ -13,10 +13,11 @@ from paddle import nn
 
 from .iresnet import STAGE_BLOCKS, IResNet, iresnet
 from .mobilefacenet import ARCHITECTURES, MobileFaceNet, mobilefacenet
+from .weights import load_weights
 
 NETWORKS = (*STAGE_BLOCKS, *ARCHITECTURES)
 
-__all__ = ["NETWORKS", "IResNet", "MobileFaceNet", "get_model"]
+__all__ = ["NETWORKS", "IResNet", "MobileFaceNet", "get_model", "load_weights"]
 
 
 def get_model(name: str, num_features: int = 512, fp16: bool = False, dropout: float = 0.0,

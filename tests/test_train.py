@@ -22,7 +22,7 @@ import pytest
 
 import train
 from tests.launch import ROOT
-from utils.checkpoint import LATEST, load_backbone_weights
+from utils.checkpoint import LATEST
 from utils.safe_pickle import load_paddle_state
 
 pytestmark = pytest.mark.slow
@@ -162,10 +162,11 @@ def test_init_backbone_starts_a_new_run_with_a_fresh_head(cache_dir: Path, strai
 
 
 def test_load_backbone_weights_rejects_another_architecture(straight_run: Path) -> None:
-    from backbones import get_model
+    from backbones import get_model, load_weights
 
-    with pytest.raises(ValueError, match=r"does not fit this backbone: .* missing"):
-        load_backbone_weights(get_model("r18", num_features=64, width=0.25), straight_run / "model.pdparams")
+    with pytest.raises(ValueError, match=r"not a r18 \(width 0.25, embedding 64\) state dict -- missing"):
+        load_weights(get_model("r18", num_features=64, width=0.25), straight_run / "model.pdparams",
+                     "r18 (width 0.25, embedding 64)")
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import paddle
 
+from backbones import load_weights
 from config import Config, ConfigError, config_from_json
 from utils.distributed import barrier
 from utils.safe_pickle import load_paddle_state
@@ -126,28 +127,6 @@ def set_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: paddle.nn.
     optimizer.set_state_dict(_rekey(state, inverse))
 
 
-def load_backbone_weights(model: paddle.nn.Layer, path: str | Path) -> None:
-    """Load a .pdparams into `model` safely; every key and shape must match, else one line that says which."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights not found")
-    state = load_paddle_state(path)
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(np.shape(state[k])) != own[k])
-    if missing or unexpected or wrong:
-        def first(keys: list[str]) -> str:
-            return ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
-
-        parts = [f"{len(missing)} missing ({first(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({first(unexpected)})" if unexpected else "",
-                 f"{len(wrong)} with other shapes ({first(wrong)})" if wrong else ""]
-        raise ValueError(f"{path}: does not fit this backbone: " + "; ".join(p for p in parts if p)
-                         + " (another network, width or embedding size?)")
-    model.set_state_dict({k: np.asarray(v) for k, v in state.items()})
-
-
 def save_checkpoint(run_dir: Path, step: int, *, backbone: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
                     pfc: Any, trainer_state: dict[str, Any], cfg: Config, rank: int, world: int, keep: int) -> Path:
     """Write checkpoint `step` atomically (every rank calls this; all write their shards, rank 0 the rest)."""
@@ -240,7 +219,7 @@ def load_checkpoint(ckpt: Path, *, backbone: paddle.nn.Layer, optimizer: paddle.
 
     Returns the trainer state (step, epoch, sampler, scaler, world_size).
     """
-    load_backbone_weights(backbone, ckpt / "backbone.pdparams")
+    load_weights(backbone, ckpt / "backbone.pdparams")
     set_optimizer_state(optimizer, backbone, load_paddle_state(ckpt / "optimizer.pdopt"))
     pfc.load(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -37,29 +37,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_backbone(network: str, weights: str | Path, width: float = 1.0, embedding_size: int = 512):
-    """Build `backbones.get_model(network)` and load `weights` (.pdparams) through the restricted unpickler.
-
-    Fails with the missing / unexpected / mis-shaped keys instead of loading a partial model.
-    """
+    """Build `backbones.get_model(network)` in eval mode with `weights` (.pdparams), loaded whole or not at all."""
     import backbones
-    from utils.safe_pickle import load_paddle_state
 
     model = backbones.get_model(network, num_features=embedding_size, width=width)
-    state = load_paddle_state(weights)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{k} {tuple(np.shape(state[k]))} != {expected[k]}"
-                   for k in sorted(set(expected) & set(state)) if tuple(np.shape(state[k])) != expected[k]]
-    if missing or unexpected or wrong_shape:
-        def few(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" ... (+{len(items) - 5})" if len(items) > 5 else "")
-
-        problems = [f"{name}: {few(items)}" for name, items in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if items]
-        raise ValueError(f"{weights}: not a {network} (width {width}, embedding {embedding_size}) state dict -- "
-                         + "; ".join(problems))
-    model.set_state_dict(state)
+    backbones.load_weights(model, weights, f"{network} (width {width}, embedding {embedding_size})")
     model.eval()
     return model
 
