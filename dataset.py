@@ -424,7 +424,7 @@ class FaceDataLoader:
     straight into a ring of shared-memory batch slots allocated before the fork; the training process turns a
     slot into a float32 tensor with one table lookup per pixel and hands the slot back. Nothing is
     mapped, pickled or copied per batch besides that lookup: Paddle's DataLoader maps fresh shared memory for
-    every batch, and its page faults cost more than the decoding here (bench/results_data_reader.md).
+    every batch, and its page faults cost more than the decoding here (bench/RESULTS.md).
     Batch k goes to worker k % num_workers, so batches arrive in sampler order whatever the worker count.
     A worker that dies or stops answering for `timeout` seconds is an error here, never a hang; `close()`
     (or garbage collection, or interpreter exit) stops the workers. Workers need fork (Linux, macOS): where

@@ -2,7 +2,7 @@
 
 Paddle's CPU wheel bundles an MKL that, on non-Intel CPUs, dispatches to its generic SSE kernels. The MKL switch
 MKL_DEBUG_CPU_TYPE=5 selects the AVX2 kernels instead: on this project's AMD EPYC test machine a 1x1 conv ran
-2.2x faster, a 3x3 conv 2.9x, an mbf training step 1.65x (bench/results_backbones.md). MKL reads the variable at
+2.2x faster, a 3x3 conv 2.9x, an mbf training step 1.65x (bench/RESULTS.md). MKL reads the variable at
 its first call, so it must be set before any Paddle math runs; an explicit setting (even empty, to opt out) wins.
 """
 

@@ -88,7 +88,7 @@ class _NumpyPReLU(PyLayer):
 
     Paddle's CPU prelu kernels are scalar loops with a division per element: forward and backward cost
     ~25% of an mbf training step. NumPy's vectorised passes are 4-8x faster forward, 3-4x backward
-    (bench/results_backbones.md). Same convention as F.prelu and torch at x == 0 (negative branch).
+    (bench/RESULTS.md). Same convention as F.prelu and torch at x == 0 (negative branch).
     Results are written into Paddle-allocated tensors: handing NumPy-owned memory to Paddle
     (paddle.from_dlpack of an ndarray) made a resumed 2-rank training run diverge from the original.
     """

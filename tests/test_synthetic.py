@@ -113,7 +113,7 @@ def test_same_seed_same_bytes_any_worker_count(small_set, tmp_path):
 
 def test_not_trivial_raw_pixels_verify_poorly(tmp_path):
     """Raw-pixel cosine similarity must be above chance (identity is in the pixels) and far from solved
-    (the variations hide it). Measured 0.656 and 0.663 on 1000 pairs (bench/results_data_synth.md)."""
+    (the variations hide it). Measured 0.656 and 0.663 on 1000 pairs (bench/RESULTS.md)."""
     folder = generate(tmp_path / "val", 1, 1, 400, seed=11, progress=False)
     bs = load_bin(folder / VAL_BIN_NAME, progress=False)
     x = preprocess_batch(bs.images).reshape(len(bs.images), -1)

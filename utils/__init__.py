@@ -1,1 +1,1 @@
-"""Shared helpers: image preprocessing, safe unpickling, and (later) logging, checkpoints, distributed glue."""
+"""Shared helpers: image preprocessing, safe unpickling, checkpoints, logging, distributed glue, synthetic faces."""
