@@ -32,6 +32,7 @@ from scipy.linalg import blas
 from threadpoolctl import ThreadpoolController
 
 from losses import CombinedMarginLoss
+from utils.atomic import atomic_output, write_bytes_atomic
 
 OPTIMIZERS = {"sgd": ("momentum",), "adamw": ("exp_avg", "exp_avg_sq")}
 MANIFEST = "manifest.json"
@@ -527,7 +528,7 @@ class PartialFC:
                         "embedding_size": self.embedding_size, "dtype": "float32", "optimizer": self.optimizer,
                         "arrays": {n: _SHARD_FILES[n] for n in ("weight", *self.opt_state)},
                         "num_updates": self.num_updates, "num_draws": self.num_draws, "shards": shards}
-            _atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+            write_bytes_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
         if self.world_size > 1:
             dist.barrier()
 
@@ -629,23 +630,10 @@ def _use_gpu_kernels() -> bool:
     return paddle.is_compiled_with_cuda() and paddle.get_device().startswith("gpu")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary name in the same directory, fsync, rename: a crash never leaves half a shard."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """np.save through utils.atomic: a crash never leaves half a shard."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

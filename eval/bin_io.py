@@ -10,7 +10,6 @@ checked before anything is decoded.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import warnings
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from utils.atomic import write_bytes_atomic
 from utils.image import decode_rgb
 from utils.safe_pickle import UnsafePickleError, restricted_loads
 
@@ -99,15 +99,7 @@ def write_bin(path: str | Path, encoded_images: Sequence[bytes], issame: Sequenc
     labels = [bool(v) for v in issame]
     if not bins or len(bins) != 2 * len(labels):
         raise ValueError(f"{path}: need 2 images per pair, got {len(bins)} images for {len(labels)} pairs")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump((bins, labels), f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, pickle.dumps((bins, labels), protocol=4))
 
 
 def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112), progress: bool = True) -> BinSet:

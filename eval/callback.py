@@ -12,7 +12,6 @@ training itself never reads them).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 
 from eval.bin_io import BinSet, load_bin
 from eval.verification import describe, embed_images, score
+from utils.atomic import atomic_output
 
 
 class VerificationCallback:
@@ -132,11 +132,5 @@ class VerificationCallback:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"best_{target}.pdparams"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
+        with atomic_output(path) as tmp:
             paddle.save(backbone.state_dict(), str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from sklearn.metrics import roc_curve
 from sklearn.preprocessing import normalize
 from tqdm import tqdm
 
+from utils.atomic import write_bytes_atomic
 from utils.image import decode_rgb, norm_crop
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -226,18 +227,6 @@ def format_table(target: str, rows: list[dict[str, float]]) -> str:
     return f"{target} TAR (%) at FAR\n{header}\n{values}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(out_dir: Path, target: str, rows: list[dict[str, float]], labels: np.ndarray,
                   scores: np.ndarray) -> dict[str, Path]:
     """<target>_tar_far.csv, <target>_roc.png and <target>_scores.npy (per pair, in the pair file's order)."""
@@ -252,7 +241,7 @@ def write_outputs(out_dir: Path, target: str, rows: list[dict[str, float]], labe
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_bytes(paths["csv"], text.getvalue().encode())
+    write_bytes_atomic(paths["csv"], text.getvalue().encode())
 
     fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -263,11 +252,11 @@ def write_outputs(out_dir: Path, target: str, rows: list[dict[str, float]], labe
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    _atomic_write_bytes(paths["png"], png.getvalue())
+    write_bytes_atomic(paths["png"], png.getvalue())
 
     npy = io.BytesIO()
     np.save(npy, scores)
-    _atomic_write_bytes(paths["scores"], npy.getvalue())
+    write_bytes_atomic(paths["scores"], npy.getvalue())
     return paths
 
 

@@ -8,24 +8,13 @@ here is byte-identical to mxnet's for the same payloads. `property` holds "num_c
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from mxnet_reader.recordio import IRHeader, MXIndexedRecordIO, pack
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small text file via a temp name in the same directory, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from utils.atomic import write_text_atomic
 
 
 def write_insightface_rec(out_dir: str | Path, samples: Iterable[tuple[int, bytes]], *,

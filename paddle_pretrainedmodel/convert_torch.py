@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import paddle
 from paddle import nn
 
 from backbones import NETWORKS, get_model
+from utils.atomic import atomic_output
 
 _RENAMES = {"running_mean": "_mean", "running_var": "_variance"}
 _SHOWN = 8  # keys listed per category in an error message
@@ -124,16 +124,8 @@ def read_torch_state_dict(path: str | Path) -> dict[str, Any]:
 
 def save_atomic(state: dict[str, np.ndarray], output: Path) -> None:
     """paddle.save to a temporary file beside `output`, fsync, then rename: no partial file on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
-        paddle.save(state, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(output) as tmp:
+        paddle.save(state, str(tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 from backbones import NETWORKS
+from utils.atomic import write_text_atomic
 
 DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30,calfw,cplfw"
 
@@ -32,15 +33,6 @@ def format_table(results: list[dict], missing: list[str]) -> list[str]:
                      f"{r['xnorm']:>9.3f}")
     lines += [f"{name:<12}{'not found':>7}" for name in missing]
     return lines
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table))
     header = [f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  network {args.network} "
               f"width {args.width}  weights {args.weights.name}  data {args.data}  flip {args.flip}"]
-    write_atomic(output, "\n".join(header + table) + "\n")
+    write_text_atomic(output, "\n".join(header + table) + "\n")
     print(f"wrote {output}")
     return 0
 

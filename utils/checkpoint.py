@@ -26,6 +26,7 @@ import paddle
 
 from backbones import load_weights
 from config import Config, ConfigError, config_from_json
+from utils import atomic
 from utils.distributed import barrier
 from utils.safe_pickle import load_paddle_state
 
@@ -58,21 +59,14 @@ def _written(path: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` by `text` all at once: temp file in the same directory, fsync, os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_text_atomic(path, text)
     _fsync(path.parent)
 
 
 def save_paddle_atomic(obj: Any, path: Path) -> None:
     """paddle.save to a temp name in the same directory, fsync, os.replace (e.g. model.pdparams)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    paddle.save(obj, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_output(path) as tmp:
+        paddle.save(obj, str(tmp))
 
 
 def rng_state() -> dict[str, Any]:

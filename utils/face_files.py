@@ -7,12 +7,11 @@ the same way: a bad file is named in a one-line error (or skipped and reported w
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from utils.atomic import write_bytes_atomic
 from utils.image import INPUT_SIZE, decode_rgb, norm_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -110,13 +109,4 @@ def atomic_write(path: str | Path, data: bytes, force: bool = False) -> None:
     if path.exists() and not force:
         raise FileExistsError(f"{path}: exists (use --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
