@@ -171,15 +171,53 @@ def test_reader_is_fork_and_pickle_safe(mxnet_dir):
     assert got == want
     assert [md5(reader.read_idx(k)) for k in keys] == want  # the parent's handle is unaffected
     clone = pickle.loads(pickle.dumps(reader))  # what spawn does
-    assert clone._fd is None and [md5(clone.read_idx(k)) for k in keys] == want
+    assert clone._map is None and [md5(clone.read_idx(k)) for k in keys] == want
 
 
-def test_seek_read_fallback_without_pread(mxnet_dir, monkeypatch):
-    want = [md5(open_fixture(mxnet_dir).read_idx(k)) for k in range(73)]
-    monkeypatch.setattr(recordio, "_HAS_PREAD", False)
+def test_read_idx_view_is_the_record_without_a_copy(mxnet_dir, tmp_path):
     reader = open_fixture(mxnet_dir)
-    assert [md5(reader.read_idx(k)) for k in range(73)] == want
-    assert reader._file is not None and reader._fd is None
+    views = [reader.read_idx_view(k) for k in range(73)]
+    assert all(v.readonly and bytes(v) == reader.read_idx(k) for k, v in enumerate(views))
+    mapped = np.frombuffer(reader._mapped(), np.uint8)
+    assert np.shares_memory(np.frombuffer(views[5], np.uint8), mapped)  # a slice of the map, not a copy
+    reader.close()  # views still in use keep the map alive: no error, and they stay readable
+    assert bytes(views[5]) == open_fixture(mxnet_dir).read_idx(5)
+    with pytest.raises(ValueError, match="closed"):
+        reader.read_idx_view(5)
+    split = b"ab" + recordio._MAGIC_BYTES + b"cd"  # a split record comes back joined, magic restored
+    with MXIndexedRecordIO(tmp_path / "s.idx", tmp_path / "s.rec", "w") as writer:
+        writer.write_idx(0, split)
+    assert bytes(MXIndexedRecordIO(tmp_path / "s.idx", tmp_path / "s.rec", "r").read_idx_view(0)) == split
+
+
+@pytest.mark.parametrize("keys", [[5, 6, 7, 8, 9, 10], [5, 60, 7, 800, 9, 10000]], ids=["dense", "sparse"])
+def test_read_images_equals_unpack_of_read_idx(tmp_path, keys):
+    records = [
+        recordio.pack((0, 3.0, 1, 0), b"jpeg bytes"),
+        recordio.pack((0, [2.0, 7.5], 2, 0), b"two-float label"),
+        recordio.pack((0, [11.0, 12.0], 0, 0), b""),  # an identity record: label range, no payload
+        recordio.pack((0, 4.0, 4, 0), b"xxxx" + recordio._MAGIC_BYTES + b"yy"),  # split: aligned magic
+        recordio.pack((0, 1.0, 5, 0), bytes(range(256)) * 40),
+        recordio.pack((0, 9.0, 6, 0), b""),  # the last and shortest record: gathers past the file's end
+    ]
+    with MXIndexedRecordIO(tmp_path / "r.idx", tmp_path / "r.rec", "w") as writer:
+        for key, record in zip(keys, records, strict=True):
+            writer.write_idx(key, record)
+    reader = MXIndexedRecordIO(tmp_path / "r.idx", tmp_path / "r.rec", "r")
+    order = np.array(keys)[[4, 0, 3, 1, 5, 2, 0]]
+    labels, payloads = reader.read_images(order)
+    for key, label, payload in zip(order.tolist(), labels.tolist(), payloads, strict=True):
+        header, want = recordio.unpack(reader.read_idx(key))
+        assert label == (header.label if header.flag == 0 else header.label[0]) and bytes(payload) == want
+    with pytest.raises(KeyError, match="key 4 not in"):
+        reader.read_images(np.array([keys[0], 4]))
+
+
+def test_read_images_reports_a_misframed_record_with_its_key(copy_dir, monkeypatch):
+    monkeypatch.setattr(recordio, "_OPEN_CHECK_SAMPLES", 1)
+    edit_idx(copy_dir, 30, 6600)
+    with pytest.raises(RecordIOError, match=r"key 30 at offset 6600: not a record boundary"):
+        open_fixture(copy_dir).read_images(np.array([29, 30, 31]))
 
 
 def test_writer_is_atomic_and_not_picklable(tmp_path):
