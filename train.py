@@ -29,7 +29,7 @@ import paddle
 
 from backbones import get_model, load_weights
 from config import Config, ConfigError, format_config, parse_args
-from dataset import build_dataloader, build_dataset, dataset_dir
+from dataset import build_dataloader, build_dataset, dataset_dir, to_model_input
 from eval.callback import VerificationCallback
 from losses import build_margin_loss
 from partial_fc import PartialFC
@@ -220,7 +220,7 @@ def train(cfg: Config) -> int:
         for images, labels in loader:
             data_time += time.perf_counter() - tick
             with amp_ctx():
-                embeddings = backbone(images)
+                embeddings = backbone(to_model_input(images))
             loss = pfc(embeddings.astype("float32"), labels)
             loss_value = float(loss)
             micro += 1

@@ -3,14 +3,17 @@
     python bench/loader.py [--identities 500 --images-per-id 20 --batch-size 128 --repeats 3]
 
 All three read the same JPEG payloads (the synthetic set's train.rec). The ceiling is one process decoding
-payloads already in memory; the loader figures are images/s through `dataset.build_dataloader` (record read,
-decode, flip, normalise, batch, hand-over) over a whole epoch once its workers run (they persist across
-epochs). CPU microseconds per image (all processes, workers included; Linux /proc) are printed as well: on a
-shared machine they are steadier than wall-clock rates. For comparison, the last row is the previous design:
-the same uint8 samples through paddle.io.DataLoader (fresh shared memory per batch, workers forked per epoch,
-first two batches excluded). `cpu_us_per_img_in_process` times the
-steps without any worker: a worker's whole job (`load_batch`), its decode (alone and with the CHW split) and
-record-read parts, and the training process's normalisation. Runs are interleaved; figures are medians.
+payloads already in memory, in file order; the loader figures are images/s through `dataset.build_dataloader`
+(record read, decode, mirror, batch, hand-over of uint8 batch tensors, in the epoch's random order) over a
+whole epoch once its workers run (they persist across epochs). The float32 network input is made by the
+training step (`dataset.to_model_input`: on a GPU, device ops; on the CPU its cost is printed in the breakdown,
+`model_input_cpu`, and is not part of the loader figures). CPU microseconds per image (all processes, workers
+included; Linux /proc) are printed as well: on a shared machine they are steadier than wall-clock rates. For
+comparison, the last row is the first design: uint8 samples through paddle.io.DataLoader (fresh shared memory
+per batch, workers forked per epoch, first two batches excluded), normalised in the training process.
+`cpu_us_per_img_in_process` times the steps without any worker: a worker's whole job (`load_batch`), its decode
+and record-read parts, the training process's copy out of a slot, and the CPU model-input conversion. Runs are
+interleaved; figures are medians.
 """
 
 from __future__ import annotations
@@ -38,9 +41,8 @@ from dataset import (
     RecordIODataset,
     ShardedBatchSampler,
     build_dataloader,
-    normalise_uint8,
+    to_model_input,
 )
-from mxnet_reader.recordio import unpack
 from utils.synthetic import ensure_synthetic
 
 
@@ -62,17 +64,17 @@ def ceiling(payloads: list[bytes]) -> tuple[float, float, float]:
 def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> dict[str, float]:
     """CPU us/image of the loader's steps in this process, without workers: where each process's time goes."""
     n = len(payloads) - len(payloads) % batch_size
-    images = np.empty((batch_size, 3, 112, 112), np.uint8)
+    images = np.empty((batch_size, 112, 112, 3), np.uint8)
     labels = np.empty(batch_size, np.int64)
-    out = np.empty(images.shape, np.float32)
+    copy = np.empty_like(images)
+    batch = paddle.to_tensor(images)
     batches = np.arange(n).reshape(-1, batch_size)
     steps = {  # each result is dropped at once, as a training loop drops its batches
         "decode": (lambda p: cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR_RGB), payloads[:n]),
-        "decode_chw_split": (lambda p: cv2.split(cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR_RGB),
-                                                 list(images[0])), payloads[:n]),
-        "read_record": (ds._sample, range(n)),
+        "read_records": (ds._samples, batches),
         "worker_load_batch": (lambda b: ds.load_batch(b, 0, images, labels), batches),
-        "main_normalise": (lambda _: normalise_uint8(images, out=out), batches),  # into a reused array
+        "main_copy_out": (lambda _: np.copyto(copy, images), batches),
+        "model_input_cpu": (lambda _: to_model_input(batch), batches),  # the training step's, not the loader's
     }
     result = {}
     for name, (step, items) in steps.items():
@@ -84,7 +86,7 @@ def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> di
 
 
 class _PaddleSamples(paddle.io.Dataset):
-    """The previous design's worker view of the dataset: (index, epoch) -> (uint8 CHW, label)."""
+    """The previous design's worker view of the dataset: (index, epoch) -> (uint8 HWC, label)."""
 
     def __init__(self, ds: RecordIODataset) -> None:
         self.ds = ds
@@ -132,7 +134,7 @@ def paddle_loader_rate(ds: RecordIODataset, batch_size: int, workers: int) -> tu
     cpu = cpu_seconds()
     count, start = 0, None
     for i, (images, _) in enumerate(loader):
-        paddle.to_tensor(normalise_uint8(images.numpy()))
+        to_model_input(images)
         if i == 1:
             start = time.perf_counter()
         elif i > 1:
@@ -157,7 +159,7 @@ def main() -> None:
 
     root = ensure_synthetic(args.cache_dir, args.identities, args.images_per_id, args.val_pairs, args.seed)
     ds = RecordIODataset(root, train=True, seed=args.seed)
-    payloads = [unpack(ds._reader.read_idx(int(key)))[1] for key in ds._keys]
+    payloads = [bytes(p) for p in ds._samples(np.arange(len(ds)))[0]]
     ceiling(payloads[:256])  # warm-up
     runs: dict[str, list[tuple[float, float, float]]] = {"ceiling": [], "workers1": [], "workers2": [], "paddle_1": []}
     for repeat in range(args.repeats):

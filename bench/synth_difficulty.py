@@ -65,7 +65,7 @@ def main() -> None:
     import paddle
 
     from backbones import get_model
-    from dataset import RecordIODataset, normalise_uint8
+    from dataset import RecordIODataset, to_model_input
     from eval.verification import test
     from losses import CombinedMarginLoss
     from partial_fc import PartialFC
@@ -83,10 +83,9 @@ def main() -> None:
     for step in range(args.steps):
         batch = order[step * args.batch_size:(step + 1) * args.batch_size]
         epoch = step * args.batch_size // len(train)
-        samples = [train.load_uint8(int(i), epoch) for i in batch]
-        images = paddle.to_tensor(normalise_uint8(np.stack([s[0] for s in samples])))
-        labels = paddle.to_tensor(np.array([s[1] for s in samples]))
-        loss = pfc(model(images), labels)
+        images, labels = np.empty((len(batch), 112, 112, 3), np.uint8), np.empty(len(batch), np.int64)
+        train.load_batch(batch, epoch, images, labels)
+        loss = pfc(model(to_model_input(paddle.to_tensor(images))), paddle.to_tensor(labels))
         loss.backward()
         opt.step()
         opt.clear_grad()

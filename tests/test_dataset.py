@@ -68,25 +68,50 @@ def test_mxnet_fixture_reads_as_arcface_torch_does(shared_fixtures):
         np.testing.assert_array_equal(image, preprocess(rgb))
 
 
+def splitmix64_flip(seed: int, epoch: int, index: int) -> bool:
+    """The flip rule with Python integers, one sample at a time: the reference for flip_mask."""
+    def mix(x: int) -> int:
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+        return x ^ (x >> 31)
+    return bool(mix(mix(mix(seed) ^ epoch) ^ index) >> 63)
+
+
+def flip_mask_list(seed, epoch, indices):
+    return D.flip_mask(seed, epoch, indices).tolist()
+
+
+def test_flip_mask_is_splitmix64_of_seed_epoch_and_index():
+    indices = np.array([0, 1, 2, 3, 1000, 2**31 + 5, 42_474_556])
+    for seed, epoch in [(0, 0), (7, 3), (2**40 + 1, 19)]:
+        assert flip_mask_list(seed, epoch, indices) == [splitmix64_flip(seed, epoch, i) for i in indices.tolist()]
+    many = D.flip_mask(0, 0, np.arange(10_000))
+    assert 4800 < many.sum() < 5200
+
+
 def test_training_flips_depend_on_seed_epoch_and_index(shared_fixtures):
     ds = pickle.loads(pickle.dumps(D.RecordIODataset(shared_fixtures / "mxnet_written", train=True, seed=3)))
-    flips = [D.flip_of(3, 0, i) for i in range(len(ds))]
+    everything = np.arange(len(ds))
+    flips = flip_mask_list(3, 0, everything)
     assert 15 < sum(flips) < 45
     for i in range(0, len(ds), 5):
         np.testing.assert_array_equal(ds[i][0], preprocess(rgb_of(ds, i), flip=flips[i]))
     ds.set_epoch(1)
-    assert [D.flip_of(3, 1, i) for i in range(len(ds))] != flips
-    assert [D.flip_of(4, 0, i) for i in range(len(ds))] != flips
-    np.testing.assert_array_equal(ds[np.int64(2)][0], preprocess(rgb_of(ds, 2), flip=D.flip_of(3, 1, 2)))
+    assert flip_mask_list(3, 1, everything) != flips
+    assert flip_mask_list(4, 0, everything) != flips
+    np.testing.assert_array_equal(ds[np.int64(2)][0], preprocess(rgb_of(ds, 2), flip=flip_mask_list(3, 1, [2])[0]))
     with pytest.raises(IndexError, match="index 60 out of range for 60 samples"):
         ds[60]
 
 
-def test_normalise_uint8_equals_preprocess():
-    rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
-    chw = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
-    np.testing.assert_array_equal(D.normalise_uint8(chw), np.stack([preprocess(im) for im in batch]))
+def test_model_input_equals_preprocess_on_cpu_and_with_paddle_ops():
+    import paddle
+
+    batch = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    batch[0, 0, :4, 0] = [0, 127, 128, 255]
+    expected = np.stack([preprocess(im) for im in batch])
+    np.testing.assert_array_equal(D.to_model_input(paddle.to_tensor(batch)).numpy(), expected)
+    np.testing.assert_array_equal(D._normalise_with_paddle_ops(paddle.to_tensor(batch)).numpy(), expected)
 
 
 # -- layouts ------------------------------------------------------------------------------------------------
@@ -218,6 +243,25 @@ def test_non_112_images_are_resized_with_one_warning_or_rejected_when_strict(tmp
         D.RecordIODataset(root, strict=True)[0]
 
 
+@pytest.mark.filterwarnings("ignore:.*resizing images")
+def test_substituted_and_resized_samples_are_mirrored_like_any_other(tmp_path):
+    """Mirrored samples decode to BGR and reverse their rows' bytes: the repair paths must keep that order."""
+    root = write_rec(tmp_path / "m", [0, 1, 0, 1, 0, 1], size=128, payloads={3: b"\xff\xd8 not a jpeg"})
+    ds = D.RecordIODataset(root, train=True, seed=5)
+    rgb = [cv2.resize(rgb_of(ds, i), (112, 112), interpolation=cv2.INTER_AREA) for i in (0, 1, 3, 3, 4, 5)]
+    images, labels = np.empty((6, 112, 112, 3), np.uint8), np.empty(6, np.int64)
+    seen = set()
+    for epoch in range(6):
+        flips = flip_mask_list(5, epoch, np.arange(6))
+        with pytest.warns(UserWarning, match="key 3 is not a decodable image; using sample 3 instead"):
+            ds.load_batch(np.arange(6), epoch, images, labels)
+        for i in range(6):
+            np.testing.assert_array_equal(images[i], rgb[i][:, ::-1] if flips[i] else rgb[i])
+        assert labels.tolist() == [0, 1, 1, 1, 0, 1]
+        seen.update(flips[2:4])
+    assert seen == {True, False}  # the substitute was decoded both ways
+
+
 # -- sampler, loader, resume --------------------------------------------------------------------------------
 def indices(batch):
     return [i for i, _ in batch]
@@ -269,8 +313,12 @@ def test_loader_batches_equal_the_dataset_and_do_not_depend_on_workers(small_rec
     sampler.set_epoch(1)
     batch = next(iter(sampler))
     ds.set_epoch(1)
-    np.testing.assert_array_equal(single[6][0], np.stack([ds[i][0] for i in indices(batch)]))
-    assert single[6][0].dtype == np.float32 and single[6][1].dtype == np.int64
+    import paddle
+
+    model_input = D.to_model_input(paddle.to_tensor(single[6][0])).numpy()
+    np.testing.assert_array_equal(model_input, np.stack([ds[i][0] for i in indices(batch)]))
+    assert single[6][0].dtype == np.uint8 and single[6][0].shape == (4, 112, 112, 3)
+    assert single[6][1].dtype == np.int64
 
 
 @pytest.mark.parametrize("stop_after", [3, 6, 8])  # mid-epoch, exactly at the end of epoch 0, mid-epoch 1
@@ -328,8 +376,8 @@ def test_batches_are_the_same_with_0_1_2_workers_and_resume_with_workers(small_r
 
 
 def test_batch_tensors_stay_valid_while_used(small_rec):
-    """Batch arrays are reused once Paddle frees a tensor: a kept tensor, or one an autograd graph still
-    needs, must never be overwritten by later batches."""
+    """Batch arrays are recycled once Paddle frees a tensor: a kept batch, or a model input an autograd graph
+    still needs, must never be overwritten by later batches."""
     import paddle
 
     loader = D.build_dataloader(cfg_for(small_rec, num_workers=1), 0, 1)
@@ -338,13 +386,13 @@ def test_batch_tensors_stay_valid_while_used(small_rec):
     weight = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 3, 3, 3)).astype(np.float32))
     weight.stop_gradient = False
     batches = iter(loader)
-    first = next(batches)[0]
+    first = D.to_model_input(next(batches)[0])
     expected = first.numpy().copy()
     out = paddle.nn.functional.conv2d(first, weight, stride=8)
     loss = (out * out).sum()
     del first, out
-    for _ in range(4):  # later batches, each freed at once: they recycle any array that was given back
-        next(batches)
+    for _ in range(4):  # later batches and inputs, each freed at once: they recycle any array given back
+        D.to_model_input(next(batches)[0])
     loss.backward()
     reference = paddle.to_tensor(weight.numpy())
     reference.stop_gradient = False

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("GLOG_minloglevel", "2")  # dataset imports paddle
 warnings.filterwarnings("ignore", message="No ccache found")
 
@@ -24,7 +26,8 @@ def open_dataset(path: Path, num_classes: int | None = None):
 
 def raw_sample(ds, index: int) -> tuple[bytes, int, str]:
     """(encoded image bytes exactly as stored, label, name) of sample `index`, without decoding."""
-    return ds._sample(index)
+    payloads, labels = ds._samples(np.array([index]))
+    return bytes(payloads[0]), int(labels[0]), ds._name(index)
 
 
 def folder_listing(ds) -> tuple[list[str], list[int]]:
