@@ -18,6 +18,7 @@ and replaced by the next decodable sample, so one bad record in 5M does not stop
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import mmap
 import multiprocessing
@@ -100,11 +101,12 @@ class FaceDataset(paddle.io.Dataset):
         return images[0], labels[0]
 
     def load_batch(self, indices: np.ndarray, epoch: int, images: np.ndarray, labels: np.ndarray) -> None:
-        """Samples `indices` of `epoch` into images[:n] (uint8 NxHxWx3 RGB, flipped if training) and labels[:n]:
-        a loader worker's job.
+        """Samples `indices` into images[:n] (uint8 NxHxWx3 RGB, mirrored as `epoch` says if training) and
+        labels[:n]: a loader worker's job.
 
-        Every payload and label is fetched first, then the images are decoded in one short loop: beside the
-        decoder, per-image Python is what separates a worker from the bare-decode ceiling (bench/loader.py).
+        Every payload and label is fetched first, then each image is decoded in one short loop, a JPEG straight
+        into its place in the batch and mirrored there while it is in the cache: beside the decoder, per-image
+        work is what separates a worker from the bare-decode ceiling (bench/loader.py).
         """
         indices = np.asarray(indices, dtype=np.int64)
         outside = (indices < 0) | (indices >= self._length)
@@ -113,15 +115,13 @@ class FaceDataset(paddle.io.Dataset):
         payloads, labels[:len(indices)] = self._checked_samples(indices)
         flips = flip_mask(self.seed, epoch, indices).tolist() if self.train else [False] * len(indices)
         for j, (payload, flip, out) in enumerate(zip(payloads, flips, images[:len(indices)], strict=True)):
-            # A mirrored RGB row is the reversed bytes of the BGR row: a sample to mirror is decoded to BGR
-            # and reversed as one-channel rows, cheaper than mirroring 3-byte pixels.
-            image = decode_or_none(payload, rgb=not flip)
+            image = decode_or_none(payload, out=out)
             if image is None or image.shape != _IMAGE_SHAPE:
-                image, labels[j] = self._repaired(int(indices[j]), image, int(labels[j]), rgb=not flip)
-            if flip:
-                cv2.flip(image.reshape(INPUT_SIZE, -1), 1, dst=out.reshape(INPUT_SIZE, -1))
-            else:
+                image, labels[j] = self._repaired(int(indices[j]), image, int(labels[j]))
+            if image is not out:
                 out[...] = image
+            if flip:
+                cv2.flip(out, 1, dst=out)
 
     def _checked_samples(self, indices: np.ndarray) -> tuple[list[bytes | memoryview], np.ndarray]:
         payloads, labels = self._samples(indices)
@@ -132,9 +132,9 @@ class FaceDataset(paddle.io.Dataset):
                              f"[0, {self.num_classes}) (pass num_classes= or fix the property file)")
         return payloads, labels
 
-    def _repaired(self, index: int, image: np.ndarray | None, label: int, rgb: bool) -> tuple[np.ndarray, int]:
+    def _repaired(self, index: int, image: np.ndarray | None, label: int) -> tuple[np.ndarray, int]:
         """(image, label) for sample `index`, whose payload did not decode to an input-size image: resized, or
-        the next decodable sample in its place, decoded to RGB or BGR like `image` (both errors when strict)."""
+        the next decodable sample in its place (both errors when strict)."""
         i = index
         for _ in range(_MAX_SUBSTITUTES):
             if image is not None:
@@ -145,7 +145,7 @@ class FaceDataset(paddle.io.Dataset):
                           f"{(i + 1) % self._length} instead", stacklevel=4)
             i = (i + 1) % self._length
             payloads, labels = self._checked_samples(np.array([i]))
-            image, label = decode_or_none(payloads[0], rgb), int(labels[0])
+            image, label = decode_or_none(payloads[0]), int(labels[0])
         raise ValueError(f"{self.source}: {_MAX_SUBSTITUTES} consecutive samples from index {index} are undecodable")
 
     def _resized(self, image: np.ndarray, index: int) -> np.ndarray:
@@ -441,12 +441,15 @@ class FaceDataLoader:
     """The training batches of one rank, `len()` per epoch: (uint8 [B,112,112,3] RGB, int64 [B]) paddle Tensors on
     the training device; `to_model_input` makes the float32 network input of a batch.
 
-    Worker processes (forked once, on the first iteration, and kept) decode and flip images straight into a
-    ring of shared-memory batch slots allocated before the fork; the training process copies a slot into a
-    tensor (straight to the GPU, or into a recycled host array) and hands the slot back. Nothing is mapped,
-    pickled or normalised per batch on the host: Paddle's DataLoader maps fresh shared memory for every batch,
-    and its page faults cost more than the decoding here (bench/RESULTS.md); a worker's time is its decoding.
-    Batch k goes to worker k % num_workers, so batches arrive in sampler order whatever the worker count.
+    Worker processes (forked once, on the first iteration, and kept) read a batch's records, decode each JPEG
+    straight into a shared-memory batch slot (allocated before the fork) and mirror it there. On the CPU the
+    training process lends the slot itself to the batch tensor and gives it back to the workers when Paddle
+    frees the tensor (if the training loop keeps old batches, so that no other slot is left, it copies
+    instead); on a GPU it copies the slot to the device and gives it back at once. Nothing is mapped, pickled
+    or copied per batch on the host: Paddle's DataLoader maps fresh shared memory for every batch, and its page
+    faults cost more than the decoding here (bench/RESULTS.md).
+    Batch k goes to worker k % num_workers, so batches arrive in sampler order whatever the worker count;
+    each worker has `prefetch_per_worker` batches in flight plus the one the training loop holds.
     A worker that dies or stops answering for `timeout` seconds is an error here, never a hang; `close()`
     (or garbage collection, or interpreter exit) stops the workers. Workers need fork (Linux, macOS): where
     there is none (Windows) batches are loaded in this process, with a warning.
@@ -467,14 +470,13 @@ class FaceDataLoader:
     def __iter__(self):
         on_gpu = paddle.device.get_device().startswith("gpu")
         uint8_batches = self._worker_batches() if self.num_workers > 0 else self._local_batches()
-        for images, labels in uint8_batches:  # a slot, reused once this generator resumes: copied out here
-            if on_gpu:
-                images = paddle.to_tensor(images)  # host to device
-            else:
-                copy = _HOST_ARRAYS.take(images.shape, images.dtype)
-                np.copyto(copy, images)
-                images = _HOST_ARRAYS.lend(copy)
+        for images, labels, release, lendable in uint8_batches:
             labels = paddle.to_tensor(labels)
+            if lendable and not on_gpu:
+                images = lend(images, release)  # no copy: the memory goes back once the tensor is freed
+            else:
+                images = paddle.to_tensor(images) if on_gpu else _HOST_ARRAYS.copy(images)
+                release()
             self.batch_sampler.mark_consumed()
             yield images, labels
 
@@ -485,29 +487,35 @@ class FaceDataLoader:
             self._pool = None
 
     def _local_batches(self):
+        """(images, labels, release, lendable) of each batch, loaded in this process into a recycled array."""
         size = self.batch_sampler.batch_size
-        images = np.empty((size, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
         labels = np.empty(size, dtype=np.int64)
         for batch in self.batch_sampler:
+            images = _HOST_ARRAYS.take((size, *_IMAGE_SHAPE), np.uint8)
             self.dataset.load_batch(np.array([i for i, _ in batch]), batch[0][1], images, labels)
-            yield images, labels
+            yield images, labels, lambda images=images: _HOST_ARRAYS.give_back(images), True
 
     def _worker_batches(self):
+        """(images, labels, release, lendable) of each batch, in a shared-memory slot that `release()` gives back
+        to the workers. A slot may be lent to the training loop while other slots keep the workers busy;
+        `lendable` is False when the loop already holds every other one (it keeps old batches): copy it then."""
         if self._pool is None or not self._pool.close.alive:
             self._pool = _WorkerPool(self.dataset, self.batch_sampler.batch_size, self.num_workers,
-                                     self.prefetch_per_worker, self.timeout)
+                                     self.prefetch_per_worker + 1, self.timeout)
         pool = self._pool
         generation = pool.restart()  # waits out what an abandoned iteration left in flight
         batches = iter(self.batch_sampler)
-        for _ in range(pool.num_slots):
-            if not pool.submit(next(batches, None)):
-                break
-        while pool.in_flight:
+        free = pool.free
+        while True:
+            while free and pool.submit(next(batches, None)):  # every free slot gets the next batch
+                pass
+            if not pool.in_flight:
+                return
             slot = pool.receive()
-            yield pool.images[slot], pool.labels[slot]
+            yield pool.images[slot], pool.labels[slot], lambda slot=slot: free.append(slot), bool(free or
+                                                                                                 pool.in_flight)
             if pool.generation != generation:
                 raise RuntimeError("this loader iterator was abandoned: a newer iteration started")
-            pool.submit(next(batches, None))  # into the slot just handed over
 
 
 def to_model_input(images: paddle.Tensor) -> paddle.Tensor:
@@ -539,9 +547,7 @@ class _RecycledArrays:
     """Host batch arrays lent to Paddle tensors and taken back once a tensor's storage is freed.
 
     A fresh 19 MB float32 batch costs ~4,700 page faults (~100 us per image on this VM, more than the work
-    that fills it) because malloc returns such blocks to the OS when freed. Paddle keeps the exporting NumPy
-    array, whose base is a `_Lent`, alive through the DLPack capsule until the tensor's storage is released,
-    autograd graphs included, so a recycled array can never alias a batch still in use.
+    that fills it) because malloc returns such blocks to the OS when freed.
     """
 
     def __init__(self) -> None:
@@ -552,21 +558,41 @@ class _RecycledArrays:
         spare = self._spare.get((tuple(shape), np.dtype(dtype)))
         return spare.pop() if spare else np.empty(shape, dtype=dtype)
 
+    def give_back(self, array: np.ndarray) -> None:
+        spare = self._spare.setdefault((array.shape, array.dtype), [])
+        if len(spare) < _SPARE_ARRAYS:
+            spare.append(array)
+
     def lend(self, array: np.ndarray) -> paddle.Tensor:
         """A CPU tensor on `array`'s memory; the array is recycled when the tensor's storage is freed."""
-        return from_dlpack(np.asarray(_Lent(array, self._spare.setdefault((array.shape, array.dtype), []))))
+        return lend(array, lambda: self.give_back(array))
+
+    def copy(self, array: np.ndarray) -> paddle.Tensor:
+        """A CPU tensor holding a copy of `array`, in a recycled array."""
+        out = self.take(array.shape, array.dtype)
+        np.copyto(out, array)
+        return self.lend(out)
+
+
+def lend(array: np.ndarray, on_release: Callable[[], None]) -> paddle.Tensor:
+    """A CPU tensor on `array`'s memory (no copy); `on_release()` runs when Paddle frees the tensor's storage.
+
+    Paddle keeps the exporting object alive through the DLPack capsule until the storage is released, autograd
+    graphs included, so memory handed back by `on_release` can never alias a tensor still in use.
+    """
+    return from_dlpack(np.asarray(_Lent(array, on_release)))
 
 
 class _Lent:
-    """The exporter of a lent array: gives the array back to its spares when Paddle lets go of it."""
+    """The exporter of a lent array: reports when Paddle lets go of it."""
 
-    def __init__(self, array: np.ndarray, spare: list[np.ndarray]) -> None:
-        self._array, self._spare = array, spare
+    def __init__(self, array: np.ndarray, on_release: Callable[[], None]) -> None:
+        self._on_release = on_release
         self.__array_interface__ = array.__array_interface__
+        self._array = array  # keeps the memory alive
 
     def __del__(self) -> None:
-        if len(self._spare) < _SPARE_ARRAYS:
-            self._spare.append(self._array)
+        self._on_release()
 
 
 _HOST_ARRAYS = _RecycledArrays()
@@ -585,6 +611,7 @@ class _WorkerPool:
         self.labels = np.frombuffer(memory, np.int64, self.num_slots * batch_size, image_bytes).reshape(
             self.num_slots, batch_size)
         self.images.fill(0)  # fault every page in now, not during the first batches
+        self.free = collections.deque(range(self.num_slots))  # slots neither in flight nor held by the loader
         self.generation, self.submitted, self.in_flight = 0, 0, 0
         context = multiprocessing.get_context("fork")
         self._connections, self._processes = [], []
@@ -601,17 +628,17 @@ class _WorkerPool:
     def restart(self) -> int:
         """Wait out the batches still in flight from an earlier iteration; a new generation starts."""
         while self.in_flight:
-            self.receive(raise_dataset_errors=False)
+            self.free.append(self.receive(raise_dataset_errors=False))
         self.generation += 1
         self.submitted = 0
         return self.generation
 
     def submit(self, batch: list[tuple[int, int]] | None) -> bool:
-        """Send the next batch (or nothing at the end of the epoch) to its worker; True if sent."""
+        """Send the next batch (or nothing at the end of the epoch) to its worker, into a free slot; True if sent."""
         if batch is None:
             return False
         k, worker = self.submitted, self.submitted % self.num_workers
-        task = (k % self.num_slots, np.array([i for i, _ in batch], dtype=np.int64), batch[0][1])
+        task = (self.free.popleft(), np.array([i for i, _ in batch], dtype=np.int64).tobytes(), batch[0][1])
         try:
             self._connections[worker].send(task)
         except OSError:
@@ -620,7 +647,7 @@ class _WorkerPool:
         return True
 
     def receive(self, raise_dataset_errors: bool = True) -> int:
-        """The slot of the oldest batch in flight, once its worker has filled it."""
+        """The slot of the oldest batch in flight, once its worker has filled it (the caller now holds it)."""
         k = self.submitted - self.in_flight
         worker, connection = k % self.num_workers, self._connections[k % self.num_workers]
         deadline = time.monotonic() + self.timeout
@@ -637,6 +664,7 @@ class _WorkerPool:
             raise self._dead(worker) from None
         self.in_flight -= 1
         if error is not None and raise_dataset_errors:
+            self.free.append(slot)
             raise error
         return slot
 
@@ -653,8 +681,8 @@ class _WorkerPool:
 
 def _worker_loop(dataset: FaceDataset, images: np.ndarray, labels: np.ndarray, connection: Any,
                  parent: int) -> None:
-    """A worker: (slot, indices, epoch) -> fill the slot -> (slot, None or the exception). Ends on None, on a
-    closed pipe, or when the training process is gone."""
+    """A worker: (slot, int64 indices as bytes, epoch) -> fill the slot -> (slot, None or the exception). Ends on
+    None, on a closed pipe, or when the training process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process, which stops us
     try:
         while True:
@@ -666,7 +694,7 @@ def _worker_loop(dataset: FaceDataset, images: np.ndarray, labels: np.ndarray, c
                 return
             slot, indices, epoch = task
             try:
-                dataset.load_batch(indices, epoch, images[slot], labels[slot])
+                dataset.load_batch(np.frombuffer(indices, np.int64), epoch, images[slot], labels[slot])
                 connection.send((slot, None))
             except Exception as err:  # reported to the training process, which raises it
                 err.add_note(f"in loader worker pid {os.getpid()}:\n{traceback.format_exc()}")

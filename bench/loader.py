@@ -1,19 +1,20 @@
-"""Data-pipeline throughput: the bare cv2.imdecode ceiling vs. the training DataLoader with 1 and 2 workers.
+"""Data-pipeline throughput: bare decoding vs. the training DataLoader with 1 and 2 workers.
 
     python bench/loader.py [--identities 500 --images-per-id 20 --batch-size 128 --repeats 3]
 
-All three read the same JPEG payloads (the synthetic set's train.rec). The ceiling is one process decoding
-payloads already in memory, in file order; the loader figures are images/s through `dataset.build_dataloader`
-(record read, decode, mirror, batch, hand-over of uint8 batch tensors, in the epoch's random order) over a
-whole epoch once its workers run (they persist across epochs). The float32 network input is made by the
-training step (`dataset.to_model_input`: on a GPU, device ops; on the CPU its cost is printed in the breakdown,
-`model_input_cpu`, and is not part of the loader figures). CPU microseconds per image (all processes, workers
-included; Linux /proc) are printed as well: on a shared machine they are steadier than wall-clock rates. For
-comparison, the last row is the first design: uint8 samples through paddle.io.DataLoader (fresh shared memory
-per batch, workers forked per epoch, first two batches excluded), normalised in the training process.
-`cpu_us_per_img_in_process` times the steps without any worker: a worker's whole job (`load_batch`), its decode
-and record-read parts, the training process's copy out of a slot, and the CPU model-input conversion. Runs are
-interleaved; figures are medians.
+Everything reads the same JPEG payloads (the synthetic set's train.rec). Two ceilings, each one process
+decoding payloads already in memory, in file order: bare `cv2.imdecode` (the issue's ceiling) and the loader's
+own decoder, `utils.image.decode_or_none` (libjpeg-turbo through simplejpeg, the same pixels). The loader
+figures are images/s through `dataset.build_dataloader` (record read, decode into the batch, mirroring,
+hand-over of uint8 batch tensors, in the epoch's random order) over a whole epoch once its workers run (they
+persist across epochs). The float32 network input is made by the training step (`dataset.to_model_input`: on a
+GPU, device ops; its CPU cost is `model_input_cpu` in the breakdown, not part of the loader figures). CPU
+microseconds per image (workers included; Linux /proc) are printed too. For comparison, `--skip-paddle` off
+adds the first design: uint8 samples through paddle.io.DataLoader (fresh shared memory per batch, workers
+forked per epoch, first two batches excluded). `cpu_us_per_img_in_process` times the steps without any
+worker: both decoders, the record reads, a worker's whole job (`load_batch`), the training process's copy
+out of a slot, and the CPU model-input conversion. Runs are interleaved; figures are
+medians, and each repeat's ratios are listed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,6 +45,7 @@ from dataset import (
     build_dataloader,
     to_model_input,
 )
+from utils.image import decode_or_none
 from utils.synthetic import ensure_synthetic
 
 
@@ -52,13 +55,22 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def ceiling(payloads: list[bytes]) -> tuple[float, float, float]:
-    """(images/s, CPU us/image, the same) of cv2.imdecode alone on in-memory payloads."""
+def decode_rate(payloads: list[bytes], decode: Callable[[bytes], object]) -> tuple[float, float, float]:
+    """(images/s, CPU us/image, the same) of one decoder alone on in-memory payloads, in file order."""
     wall, cpu = time.perf_counter(), cpu_seconds()[0]
     for payload in payloads:
-        cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        decode(payload)
     wall, cpu = time.perf_counter() - wall, cpu_seconds()[0] - cpu
     return len(payloads) / wall, cpu / len(payloads) * 1e6, cpu / len(payloads) * 1e6
+
+
+def ratios(numerators: list[tuple[float, ...]], denominators: list[tuple[float, ...]]) -> list[float]:
+    """Rate ratios of each interleaved repeat."""
+    return [round(a[0] / b[0], 3) for a, b in zip(numerators, denominators, strict=True)]
+
+
+def cv2_imdecode(payload: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
 
 
 def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> dict[str, float]:
@@ -68,9 +80,10 @@ def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> di
     labels = np.empty(batch_size, np.int64)
     copy = np.empty_like(images)
     batch = paddle.to_tensor(images)
-    batches = np.arange(n).reshape(-1, batch_size)
+    batches = np.random.default_rng(0).permutation(n).reshape(-1, batch_size)  # random order, as in training
     steps = {  # each result is dropped at once, as a training loop drops its batches
-        "decode": (lambda p: cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR_RGB), payloads[:n]),
+        "cv2_imdecode": (cv2_imdecode, payloads[:n]),
+        "decoder": (decode_or_none, payloads[:n]),
         "read_records": (ds._samples, batches),
         "worker_load_batch": (lambda b: ds.load_batch(b, 0, images, labels), batches),
         "main_copy_out": (lambda _: np.copyto(copy, images), batches),
@@ -160,10 +173,12 @@ def main() -> None:
     root = ensure_synthetic(args.cache_dir, args.identities, args.images_per_id, args.val_pairs, args.seed)
     ds = RecordIODataset(root, train=True, seed=args.seed)
     payloads = [bytes(p) for p in ds._samples(np.arange(len(ds)))[0]]
-    ceiling(payloads[:256])  # warm-up
-    runs: dict[str, list[tuple[float, float, float]]] = {"ceiling": [], "workers1": [], "workers2": [], "paddle_1": []}
+    decode_rate(payloads[:256], cv2_imdecode)  # warm-up
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in (
+        "ceiling", "decoder", "workers1", "workers2", "paddle_1")}
     for repeat in range(args.repeats):
-        runs["ceiling"].append(ceiling(payloads))
+        runs["ceiling"].append(decode_rate(payloads, cv2_imdecode))
+        runs["decoder"].append(decode_rate(payloads, decode_or_none))
         runs["workers1"].append(loader_rate(ds, args.batch_size, 1, 2 * repeat))
         runs["workers2"].append(loader_rate(ds, args.batch_size, 2, 2 * repeat))
         if not args.skip_paddle:
@@ -172,33 +187,29 @@ def main() -> None:
     rate = {name: float(np.median([r[0] for r in values])) for name, values in runs.items()}
     cpu = {name: float(np.median([r[1] for r in values])) for name, values in runs.items()}
     main_cpu = {name: float(np.median([r[2] for r in values])) for name, values in runs.items()}
-    worker_cpu = cpu["workers1"] - main_cpu["workers1"]
-    # What these CPU costs allow on an idle 2-core machine: 1 worker and the training process on their own
-    # cores; with 2 workers every process shares the 2 cores (and the training process still needs its share).
-    projection = {"ceiling": round(1e6 / cpu["ceiling"]),
-                  "workers1": round(1e6 / max(worker_cpu, main_cpu["workers1"])),
-                  "workers2": round(min(2e6 / cpu["workers2"], 1e6 / main_cpu["workers2"]))}
     result = {
         "images": len(payloads), "batch_size": args.batch_size, "repeats": args.repeats,
-        "ceiling_img_s": round(rate["ceiling"]), "workers1_img_s": round(rate["workers1"]),
-        "workers2_img_s": round(rate["workers2"]), "paddle_dataloader_workers1_img_s": round(rate.get("paddle_1", 0)),
+        "ceiling_img_s": round(rate["ceiling"]), "decoder_img_s": round(rate["decoder"]),
+        "workers1_img_s": round(rate["workers1"]), "workers2_img_s": round(rate["workers2"]),
+        "paddle_dataloader_workers1_img_s": round(rate.get("paddle_1", 0)),
         "workers1_vs_ceiling": round(rate["workers1"] / rate["ceiling"], 3),
+        "workers1_vs_decoder": round(rate["workers1"] / rate["decoder"], 3),
         "workers2_vs_workers1": round(rate["workers2"] / rate["workers1"], 3),
+        "workers1_vs_ceiling_runs": ratios(runs["workers1"], runs["ceiling"]),
+        "workers1_vs_decoder_runs": ratios(runs["workers1"], runs["decoder"]),
+        "workers2_vs_workers1_runs": ratios(runs["workers2"], runs["workers1"]),
         "cpu_us_per_img": {name: round(value, 1) for name, value in cpu.items()},
-        "cpu_efficiency_vs_ceiling": round(cpu["ceiling"] / cpu["workers1"], 3),
-        "workers1_cpu_us_per_img_worker_main": [round(worker_cpu, 1), round(main_cpu["workers1"], 1)],
-        "main_process_cpu_us_per_img": {name: round(value, 1) for name, value in main_cpu.items()},
-        "idle_projection_img_s": projection,
-        "idle_projection_workers1_vs_ceiling": round(projection["workers1"] / projection["ceiling"], 3),
-        "idle_projection_workers2_vs_workers1": round(projection["workers2"] / projection["workers1"], 3),
+        "workers1_cpu_us_per_img_worker_main": [round(cpu["workers1"] - main_cpu["workers1"], 1),
+                                                round(main_cpu["workers1"], 1)],
         "cpu_us_per_img_in_process": breakdown(ds, payloads, args.batch_size),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    print(f"{'':<22}{'images/s':>10}{'CPU us/img':>12}")
-    for name, label in (("ceiling", "cv2.imdecode ceiling"), ("workers1", "DataLoader 1 worker"),
-                        ("workers2", "DataLoader 2 workers"), ("paddle_1", "(paddle.io, 1 worker)")):
+    print(f"{'':<26}{'images/s':>10}{'CPU us/img':>12}")
+    for name, label in (("ceiling", "cv2.imdecode (ceiling)"), ("decoder", "utils.image decoder"),
+                        ("workers1", "DataLoader 1 worker"), ("workers2", "DataLoader 2 workers"),
+                        ("paddle_1", "(paddle.io, 1 worker)")):
         if name in rate:
-            print(f"{label:<22}{rate[name]:>10.0f}{cpu[name]:>12.1f}")
+            print(f"{label:<26}{rate[name]:>10.0f}{cpu[name]:>12.1f}")
     print(json.dumps(result))
 
 

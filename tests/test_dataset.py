@@ -245,7 +245,7 @@ def test_non_112_images_are_resized_with_one_warning_or_rejected_when_strict(tmp
 
 @pytest.mark.filterwarnings("ignore:.*resizing images")
 def test_substituted_and_resized_samples_are_mirrored_like_any_other(tmp_path):
-    """Mirrored samples decode to BGR and reverse their rows' bytes: the repair paths must keep that order."""
+    """Mirroring happens after decoding: substitutes and resized images are mirrored like the others."""
     root = write_rec(tmp_path / "m", [0, 1, 0, 1, 0, 1], size=128, payloads={3: b"\xff\xd8 not a jpeg"})
     ds = D.RecordIODataset(root, train=True, seed=5)
     rgb = [cv2.resize(rgb_of(ds, i), (112, 112), interpolation=cv2.INTER_AREA) for i in (0, 1, 3, 3, 4, 5)]
@@ -381,8 +381,11 @@ def test_batch_tensors_stay_valid_while_used(small_rec):
     import paddle
 
     loader = D.build_dataloader(cfg_for(small_rec, num_workers=1), 0, 1)
-    kept = [(images, images.numpy().copy()) for images, _ in loader]
+    kept = [(images, images.numpy().copy()) for images, _ in loader]  # holds every slot: later batches are copies
     assert all(np.array_equal(t.numpy(), copy) for t, copy in kept)
+    del kept
+    lent = [np.shares_memory(np.from_dlpack(images), loader._pool.images) for images, _ in loader]
+    assert all(lent)  # batches dropped at once: each one is its worker's slot itself, no copy
     weight = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 3, 3, 3)).astype(np.float32))
     weight.stop_gradient = False
     batches = iter(loader)

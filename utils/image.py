@@ -1,13 +1,16 @@
 """The one image preprocessing shared by training, evaluation, export and inference.
 
 Convention (arcface_torch parity): RGB, 112x112, CHW float32, `(x / 255 - 0.5) / 0.5`.
-OpenCV decodes to BGR by default; decoding here asks libjpeg/libpng for RGB directly (IMREAD_COLOR_RGB).
+Decoding asks the codec for RGB directly (one pass fewer than BGR + cvtColor). JPEGs go through libjpeg-turbo's
+TurboJPEG API (simplejpeg), which can write straight into a caller's array; its pixels are cv2.imdecode's,
+bit for bit (tests/test_image.py), and cv2 decodes everything else.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+import simplejpeg
 
 INPUT_SIZE = 112
 
@@ -22,11 +25,35 @@ ARCFACE_TEMPLATE = np.array(
 _NORMALISE_LUT = ((np.arange(256, dtype=np.float32) / np.float32(255)) - np.float32(0.5)) / np.float32(0.5)
 
 
-def decode_or_none(buf: bytes | memoryview | np.ndarray, rgb: bool = True) -> np.ndarray | None:
-    """Decode an encoded image (JPEG/PNG bytes) to HxWx3 uint8 RGB (BGR if not `rgb`), or None if it cannot be
-    decoded. The decoder writes RGB itself: one pass fewer than BGR + cvtColor."""
-    flags = cv2.IMREAD_COLOR_RGB if rgb else cv2.IMREAD_COLOR
-    return cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), flags) if len(buf) else None
+def decode_or_none(buf: bytes | memoryview | np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
+    """Decode an encoded image (JPEG, PNG, ...) to HxWx3 uint8 RGB, or None if it cannot be decoded. A JPEG of
+    exactly `out`'s shape is decoded into `out`, which is returned (no copy).
+
+    cv2 takes whatever simplejpeg does not: other formats, JPEGs it refuses (CMYK, damaged: cv2's own verdict
+    then stands) and JPEGs with EXIF, whose orientation cv2 applies.
+    """
+    if isinstance(buf, np.ndarray):
+        buf = memoryview(buf)  # the 1-D uint8 payloads of numpy-pickled .bin files: indexing gives ints
+    if len(buf) > 3 and buf[0] == 0xFF and buf[1] == 0xD8 and not _has_exif(buf):
+        try:
+            image = simplejpeg.decode_jpeg(buf, "RGB", buffer=out)
+        except ValueError:
+            pass
+        else:
+            if out is None or image.shape == out.shape:
+                return image if out is None else out
+            return image.copy()  # a smaller image, decoded into the front of `out`
+    return cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR_RGB) if len(buf) else None
+
+
+def _has_exif(jpeg: bytes | memoryview) -> bool:
+    """Whether a JPEG's leading APPn segments include EXIF (APP1 'Exif')."""
+    pos, size = 2, len(jpeg)
+    while pos + 8 <= size and jpeg[pos] == 0xFF and 0xE0 <= jpeg[pos + 1] <= 0xEF:
+        if jpeg[pos + 1] == 0xE1 and bytes(jpeg[pos + 4:pos + 8]) == b"Exif":
+            return True
+        pos += 2 + (jpeg[pos + 2] << 8 | jpeg[pos + 3])
+    return False
 
 
 def decode_rgb(buf: bytes | memoryview | np.ndarray) -> np.ndarray:
