@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import mmap
 import multiprocessing
 import os
@@ -493,7 +494,7 @@ class FaceDataLoader:
         for batch in self.batch_sampler:
             images = _HOST_ARRAYS.take((size, *_IMAGE_SHAPE), np.uint8)
             self.dataset.load_batch(np.array([i for i, _ in batch]), batch[0][1], images, labels)
-            yield images, labels, lambda images=images: _HOST_ARRAYS.give_back(images), True
+            yield images, labels, functools.partial(_HOST_ARRAYS.give_back, images), True
 
     def _worker_batches(self):
         """(images, labels, release, lendable) of each batch, in a shared-memory slot that `release()` gives back
@@ -512,8 +513,8 @@ class FaceDataLoader:
             if not pool.in_flight:
                 return
             slot = pool.receive()
-            yield pool.images[slot], pool.labels[slot], lambda slot=slot: free.append(slot), bool(free or
-                                                                                                 pool.in_flight)
+            lendable = bool(free or pool.in_flight)  # other slots keep the workers busy while the loop holds it
+            yield pool.images[slot], pool.labels[slot], functools.partial(free.append, slot), lendable
             if pool.generation != generation:
                 raise RuntimeError("this loader iterator was abandoned: a newer iteration started")
 
@@ -523,7 +524,7 @@ def to_model_input(images: paddle.Tensor) -> paddle.Tensor:
     utils.image.preprocess, on the batch's device.
 
     On a GPU these are Paddle ops. On the CPU, OpenCV per image (a channel split and a 256-entry table lookup,
-    ~20 us) into a recycled array: Paddle's CPU kernels take ~0.4 ms per image for the same.
+    25-30 us) into a recycled array: Paddle's CPU kernels take 0.3-0.5 ms per image for the same.
     """
     if not images.place.is_cpu_place():
         return _normalise_with_paddle_ops(images)
