@@ -34,15 +34,15 @@ def decode_or_none(buf: bytes | memoryview | np.ndarray, out: np.ndarray | None 
     """
     if isinstance(buf, np.ndarray):
         buf = memoryview(buf)  # the 1-D uint8 payloads of numpy-pickled .bin files: indexing gives ints
-    if len(buf) > 3 and buf[0] == 0xFF and buf[1] == 0xD8 and not _has_exif(buf):
+    if buf[:2] == b"\xff\xd8" and not _has_exif(buf):
         try:
             image = simplejpeg.decode_jpeg(buf, "RGB", buffer=out)
         except ValueError:
             pass
         else:
-            if out is None or image.shape == out.shape:
-                return image if out is None else out
-            return image.copy()  # a smaller image, decoded into the front of `out`
+            if out is None:
+                return image
+            return out if image.shape == out.shape else image.copy()  # smaller: decoded into the front of `out`
     return cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR_RGB) if len(buf) else None
 
 
