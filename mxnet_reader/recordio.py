@@ -330,7 +330,7 @@ class MXIndexedRecordIO(MXRecordIO):
 
         Framing and IRHeaders are read with NumPy gathers over the mapped file and payloads are views of it, so
         a record costs a slice, not a dozen Python steps; records that are not plain one-part image records
-        (split, or misframed: the errors come from there) take `read_idx_view` and `unpack`.
+        (split, or misframed: the errors come from there) take the checked record reader and `unpack`.
         """
         keys = np.asarray(keys)
         offsets = self._offsets_of(keys)
@@ -345,7 +345,7 @@ class MXIndexedRecordIO(MXRecordIO):
         labels = np.where(flag == 0, label, first_of_many).astype(np.uint32).view(np.float32).astype(np.float64)
         payloads = [data[a:b] for a, b in zip(start.tolist(), end.tolist(), strict=True)]
         for j in np.flatnonzero(~plain).tolist():
-            header, payloads[j] = unpack(self.read_idx_view(keys[j].item()))
+            header, payloads[j] = unpack(self._read_record(int(offsets[j]), keys[j].item())[0])
             labels[j] = header.label if header.flag == 0 else header.label[0]
         return labels, payloads
 
