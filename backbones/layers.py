@@ -55,13 +55,26 @@ class _TorchRunningVar:
             return nn.functional.batch_norm(x, self._mean, self._variance, self.weight, self.bias, training=False,
                                             epsilon=self._epsilon, data_format=self._data_format)
         previous = self._variance.detach().clone()
-        out = nn.functional.batch_norm(x, self._mean, self._variance, self.weight, self.bias, training=True,
+        out = nn.functional.batch_norm(x, self._mean, self._variance, self._gamma(), self.bias, training=True,
                                        momentum=self._momentum, epsilon=self._epsilon, data_format=self._data_format)
         n = x.size // x.shape[1]
         with paddle.no_grad():
             keep = self._momentum
             self._variance.set_value(keep * previous + (self._variance - keep * previous) * (n / max(n - 1, 1)))
         return out
+
+    def _gamma(self) -> paddle.Tensor:
+        """The weight for the training-mode kernel; a frozen one goes in as a detached copy that asks for a gradient.
+
+        Paddle's batch-norm backward gives the bias no gradient at all when the weight tensor stops gradients
+        (iresnet's `features`: gamma frozen, beta trained, as arcface_torch's requires_grad=False on the weight
+        only). The copy's own gradient is a C-vector that nothing reads; the parameter itself never changes.
+        """
+        if not self.weight.stop_gradient:
+            return self.weight
+        gamma = self.weight.detach()
+        gamma.stop_gradient = False
+        return gamma
 
 
 class BatchNorm2D(_TorchRunningVar, nn.BatchNorm2D):

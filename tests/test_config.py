@@ -27,12 +27,12 @@ def test_every_preset_is_valid_and_uses_known_keys(name: str) -> None:
 def test_arcface_torch_recipes() -> None:
     r100 = load_config("ms1mv3_r100")
     assert (r100.network, r100.num_classes, r100.num_image) == ("r100", 93431, 5179510)
-    assert (r100.lr, r100.num_epoch) == (0.2, 25)
+    assert (r100.lr, r100.num_epoch) == (0.1, 20)
     glint = load_config("glint360k_r100")
     assert (glint.loss, glint.margin_m2, glint.margin_m3, glint.num_classes) == ("cosface", 0.0, 0.4, 360232)
     ms1mv2 = load_config("ms1mv2_r50")
     assert (ms1mv2.weight_decay, ms1mv2.num_classes, ms1mv2.fp16, ms1mv2.val_targets) == (
-        1e-4, 85742, True, ["lfw", "cfp_fp", "agedb_30"])
+        5e-4, 85742, True, ["lfw", "cfp_fp", "agedb_30"])
     assert load_config("ms1mv3_mbf").num_epoch == 40
 
 
