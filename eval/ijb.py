@@ -38,6 +38,7 @@ from sklearn.preprocessing import normalize
 from tqdm import tqdm
 
 from utils.atomic import write_bytes_atomic
+from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
 from utils.image import decode_rgb, norm_crop
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -286,16 +287,18 @@ def evaluate_ijb(model, data_dir: str | Path, target: str, batch_size: int = 128
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description="IJB-B/IJB-C 1:1 verification: TAR at FAR 1e-6..1e-1, ROC plot.")
     parser.add_argument("--data", required=True, help="the IJB_release/IJBB or IJB_release/IJBC directory")
     parser.add_argument("--target", required=True, help="IJBB or IJBC (prefix of the meta file names)")
     parser.add_argument("--network", required=True, help="backbone name (r18 r34 r50 r100 r200 mbf mbf_large)")
     parser.add_argument("--weights", required=True, help="backbone .pdparams (loaded without unpickling code)")
     parser.add_argument("--out", required=True, help="output directory for the CSV, ROC PNG and scores")
-    parser.add_argument("--batch-size", type=int, default=128, help="faces per forward pass")
-    parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier of the backbone")
-    parser.add_argument("--embedding-size", type=int, default=512, help="embedding size of the backbone")
-    parser.add_argument("--workers", type=int, default=4, help="threads reading and aligning images")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="faces per forward pass")
+    parser.add_argument("--width", type=positive_float, default=1.0, help="channel-width multiplier of the backbone")
+    parser.add_argument("--embedding-size", type=positive_int, default=512, help="embedding size of the backbone")
+    parser.add_argument("--workers", type=positive_int, default=4, help="threads reading and aligning images")
     parser.add_argument("--no-flip", action="store_true", help="do not add the mirrored crop's embedding")
     parser.add_argument("--no-detector-score", action="store_true",
                         help="do not weight face features by the detector score")
@@ -310,13 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     from utils.embedder import load_backbone
 
     try:
+        check_writable(out_dir, folder=True)
         model = load_backbone(args.network, args.weights, args.width, args.embedding_size)
         rows, labels, scores = evaluate_ijb(model, args.data, args.target, args.batch_size, not args.no_flip,
                                             not args.no_detector_score, args.workers)
-    except (OSError, ValueError) as e:
+        paths = write_outputs(out_dir, args.target, rows, labels, scores)
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    paths = write_outputs(out_dir, args.target, rows, labels, scores)
     print(format_table(args.target.upper(), rows))
     print(f"wrote {paths['csv']}, {paths['png']}, {paths['scores']}")
     return 0

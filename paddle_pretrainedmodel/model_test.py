@@ -21,6 +21,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 from backbones import NETWORKS
 from utils.atomic import write_text_atomic
+from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
 
 DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30,calfw,cplfw"
 
@@ -36,16 +37,18 @@ def format_table(results: list[dict], missing: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", required=True, choices=NETWORKS)
     parser.add_argument("--weights", required=True, type=Path, help="backbone .pdparams (read without running code)")
     parser.add_argument("--data", required=True, type=Path, help="directory holding <target>.bin files")
     parser.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma-separated (default {DEFAULT_TARGETS})")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                         help="add the mirrored image's embedding (InsightFace's flip test; default on)")
-    parser.add_argument("--width", type=float, default=1.0, help="channel width the model was trained with")
-    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--width", type=positive_float, default=1.0, help="channel width the model was trained with")
+    parser.add_argument("--embedding-size", type=positive_int, default=512)
     parser.add_argument("--output", type=Path, help="results file (default: results.txt beside the weights)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing results file")
     args = parser.parse_args(argv)
@@ -53,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or args.weights.with_name("results.txt")
     if output.exists() and not args.force:
         parser.exit(1, f"error: {output} exists (use --force to overwrite)\n")
+    try:
+        check_writable(output)
+    except OSError as e:
+        parser.exit(1, f"error: {e}\n")
     if not args.weights.is_file():
         parser.exit(1, f"error: weights {args.weights} not found\n")
     if not args.data.is_dir():
         parser.exit(1, f"error: data directory {args.data} not found\n")
-    if args.batch_size < 1:
-        parser.exit(1, f"error: --batch-size must be >= 1, got {args.batch_size}\n")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     found = [t for t in targets if (args.data / f"{t}.bin").is_file()]
     missing = [t for t in targets if t not in found]
@@ -71,24 +76,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from eval.verification import load_bin, test
     from utils.embedder import load_backbone
-    from utils.safe_pickle import UnsafePickleError
 
     try:
         model = load_backbone(args.network, args.weights, width=args.width, embedding_size=args.embedding_size)
-    except (ValueError, UnsafePickleError) as e:
+        results = [test(load_bin(args.data / f"{name}.bin"), model, batch_size=args.batch_size, flip=args.flip)
+                   for name in found]
+    except USER_ERRORS as e:
         parser.exit(1, f"error: {e}\n")
-    results = []
-    for name in found:
-        try:
-            binset = load_bin(args.data / f"{name}.bin")
-        except (ValueError, UnsafePickleError) as e:
-            parser.exit(1, f"error: {e}\n")
-        results.append(test(binset, model, batch_size=args.batch_size, flip=args.flip))
     table = format_table(results, missing)
     print("\n".join(table))
     header = [f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  network {args.network} "
               f"width {args.width}  weights {args.weights.name}  data {args.data}  flip {args.flip}"]
-    write_text_atomic(output, "\n".join(header + table) + "\n")
+    try:
+        write_text_atomic(output, "\n".join(header + table) + "\n")
+    except OSError as e:  # the folder changed during the run
+        parser.exit(1, f"error: {output}: cannot be written ({e})\n")
     print(f"wrote {output}")
     return 0
 

@@ -105,7 +105,7 @@ def test_gallery_cli_build_search_and_model_mismatch(demo, tmp_path, capsys):
     index = tmp_path / "index.npz"
     gallery = str(demo["demo"] / "gallery")
     assert gallery_tool.main(["build", "--images", gallery, "--out", str(index), "--per-image", *demo["model64"]]) == 0
-    assert "3 identities, 6 images, 64-d" in capsys.readouterr().out
+    assert "3 identities, 6 images (6 aligned), 64-d" in capsys.readouterr().out
     # the gallery's own images: each finds itself (score 1) first
     assert gallery_tool.main(["search", "--index", str(index), "--query", gallery, "--top-k", "2", "--threshold",
                               "0.5", *demo["model64"]]) == 0
@@ -132,11 +132,11 @@ def test_gallery_cli_bad_images(demo, tmp_path, capsys):
                               *demo["model64"]]) == 0
     assert "skipped" in capsys.readouterr().err and GalleryIndex.load(index).meta["skipped"] == 1
 
-    cv2.imwrite(str(images / "alice" / "big.png"), np.zeros((200, 150, 3), np.uint8))
+    cv2.imwrite(str(images / "alice" / "wide.png"), np.zeros((150, 300, 3), np.uint8))
     (images / "alice" / "broken.jpg").unlink()
     assert gallery_tool.main(["build", "--images", str(images), "--out", str(index), "--force",
                               *demo["model64"]]) == 1
-    assert "big.png: 150x200 is not an aligned 112x112 crop (give 5-point landmarks" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith("wide.png: no face found by the Haar cascade (300x150)\n")
 
 
 def test_inference_cli_crops_landmarks_and_bad_input(demo, tmp_path, capsys):

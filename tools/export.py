@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message="No ccache found")
 
 import numpy as np
 
+from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
 from utils.embedder import (
     META_NAME,
     ONNX_MODEL,
@@ -120,6 +121,7 @@ def export(network: str, weights: Path, output: Path, formats: tuple[str, ...], 
     """Write the exported model(s) + meta.json into `output` atomically; returns the metadata."""
     if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output}: exists (use --force to replace it)")
+    check_writable(output.parent, folder=True)  # the export is built beside `output`, then renamed
     model = load_backbone(network, weights, width, embedding_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -180,6 +182,8 @@ def parse_batch_size(text: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", required=True, help="backbone name (r18, r34, r50, r100, r200, mbf, mbf_large)")
     parser.add_argument("--weights", required=True, type=Path, help="backbone state dict (.pdparams)")
@@ -187,16 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["paddle", "onnx", "both"], default="both")
     parser.add_argument("--batch-size", type=parse_batch_size, default=None,
                         help="'dynamic' (default) or a fixed batch size frozen into the model")
-    parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier the model was trained with")
-    parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed in the parity check")
+    parser.add_argument("--width", type=positive_float, default=1.0,
+                        help="channel-width multiplier the model was trained with")
+    parser.add_argument("--embedding-size", type=positive_int, default=512)
+    parser.add_argument("--tolerance", type=positive_float, default=1e-4,
+                        help="max abs difference allowed in the parity check")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     formats = ("paddle", "onnx") if args.format == "both" else (args.format,)
     try:
         meta = export(args.network, args.weights, args.output, formats, args.batch_size, args.width,
                       args.embedding_size, args.tolerance, args.force)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (*USER_ERRORS, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     batch = meta["batch_size"] or "dynamic"

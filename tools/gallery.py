@@ -6,7 +6,9 @@
 build: identity = the image's sub-folder (gallery/<identity>/<image>), or the label of a `label.txt`
 (`path<space or tab>label`, paths relative to the folder). One mean embedding per identity, or every image with
 --per-image. search: one JSON line per query image with the best identity (`unknown` below --threshold), its
-cosine score and the top-k identities. Images are aligned 112x112 crops, or full images with --landmarks.
+cosine score and the top-k identities. Images are aligned 112x112 crops, photos whose face is found by the Haar
+cascade (or --detector YUNET.onnx; the largest face if several), face crops embedded whole with --detect none, or
+photos aligned with their 5-point --landmarks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
@@ -24,7 +27,9 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 os.environ.setdefault("GLOG_minloglevel", "2")
 warnings.filterwarnings("ignore", message="No ccache found")
 
+from utils.cli import USER_ERRORS, check_writable, finite_float, positive_int
 from utils.embedder import add_model_args, embedder_from_args
+from utils.face_detect import add_detection_args, detection_from_args
 from utils.face_files import list_images, load_crops, load_landmarks
 from utils.gallery import GalleryIndex, build_index
 
@@ -55,22 +60,24 @@ def gallery_labels(root: Path) -> tuple[list[str], list[str]]:
 def build(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise FileExistsError(f"{args.out}: exists (use --force to replace it)")
+    check_writable(args.out)
     root = Path(args.images)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
     names, labels = gallery_labels(root)
     landmarks = load_landmarks(args.landmarks) if args.landmarks else None
-    crops, kept, skipped = load_crops(root, names, landmarks, args.skip_bad)
+    crops, kept, skipped, how = load_crops(root, names, landmarks, args.skip_bad, detection_from_args(args))
     for item in skipped:
         print(f"warning: skipped {item['error']}", file=sys.stderr)
     label_of = dict(zip(names, labels, strict=True))
     embedder = embedder_from_args(args)
     embeddings = embedder.embed(crops, batch_size=args.batch_size, flip=args.flip)
-    meta = {**embedder.meta, "flip": args.flip, "images": len(kept), "skipped": len(skipped)}
+    crops_by = dict(Counter(how))
+    meta = {**embedder.meta, "flip": args.flip, "images": len(kept), "skipped": len(skipped), "crops": crops_by}
     index = build_index(embeddings, [label_of[n] for n in kept], kept, args.per_image, meta)
     index.save(args.out, force=args.force)
-    print(f"{len(set(labels))} identities, {len(kept)} images, {index.embedding_size}-d "
-          f"({'per image' if args.per_image else 'mean per identity'}) -> {args.out}")
+    print(f"{len(set(labels))} identities, {len(kept)} images ({', '.join(f'{n} {k}' for k, n in crops_by.items())}), "
+          f"{index.embedding_size}-d ({'per image' if args.per_image else 'mean per identity'}) -> {args.out}")
     return 0
 
 
@@ -78,7 +85,7 @@ def search(args: argparse.Namespace) -> int:
     index = GalleryIndex.load(args.index)
     root, names = list_images(args.query)
     landmarks = load_landmarks(args.landmarks) if args.landmarks else None
-    crops, kept, skipped = load_crops(root, names, landmarks, args.skip_bad)
+    crops, kept, skipped, _ = load_crops(root, names, landmarks, args.skip_bad, detection_from_args(args))
     embedder = embedder_from_args(args)
     index.check_model(embedder.embedding_size, embedder.meta, str(args.index))
     results = index.search(embedder.embed(crops, batch_size=args.batch_size, flip=args.flip), args.top_k,
@@ -91,6 +98,8 @@ def search(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("build", help="embed a folder of known faces into an index")
@@ -102,17 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     q = commands.add_parser("search", help="rank gallery identities for query images")
     q.add_argument("--index", required=True, type=Path)
     q.add_argument("--query", required=True, help="an image, a folder or a list file")
-    q.add_argument("--top-k", type=int, default=5)
-    q.add_argument("--threshold", type=float, default=0.3, help="cosine score below which a face is 'unknown'")
+    q.add_argument("--top-k", type=positive_int, default=5, help="identities listed per query")
+    q.add_argument("--threshold", type=finite_float(-1, 1), default=0.3,
+                   help="cosine score (-1 to 1) below which a face is 'unknown'")
     q.set_defaults(run=search)
     for sub in (p, q):
         sub.add_argument("--landmarks", help="5-point landmarks per image (JSON or text) to align full images")
         sub.add_argument("--skip-bad", action="store_true", help="skip unreadable/unalignable images with a warning")
+        add_detection_args(sub, one_face=True)
         add_model_args(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (OSError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

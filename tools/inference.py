@@ -4,10 +4,12 @@
     python tools/inference.py --network r50 --weights backbone.pdparams --input photos/ --landmarks marks.json \
         --output photos_emb
 
-Inputs are aligned 112x112 crops, or full images with 5-point landmarks (--landmarks, JSON or text) which are
-aligned to the ArcFace template first. Writes OUTPUT.npy (N x D float32, L2-normalised unless --raw) and
-OUTPUT.json (the files in row order, skipped files, model metadata). An unreadable or wrong-size image stops the
-run with its name and nothing is written, unless --skip-bad, which leaves it out and lists it in the JSON.
+Inputs are aligned 112x112 crops, photos whose face is found by the Haar cascade (or --detector YUNET.onnx; the
+largest face if several), face crops embedded whole with --detect none, or photos with 5-point landmarks
+(--landmarks, JSON or text), aligned to the ArcFace template. Writes OUTPUT.npy (N x D float32, L2-normalised
+unless --raw) and OUTPUT.json (the files in row order, how each was cropped, skipped files, model metadata). An
+unreadable image or one without a face stops the run with its name and nothing is written, unless --skip-bad,
+which leaves it out and lists it in the JSON.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ warnings.filterwarnings("ignore", message="No ccache found")
 
 import numpy as np
 
+from utils.cli import USER_ERRORS, check_writable
 from utils.embedder import add_model_args, embedder_from_args, l2_normalize
+from utils.face_detect import add_detection_args, detection_from_args
 from utils.face_files import atomic_write, list_images, load_crops, load_landmarks
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="an image, a folder of images or a list file (.txt)")
     parser.add_argument("--output", required=True, type=Path, help="output prefix: writes PREFIX.npy + PREFIX.json")
@@ -40,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable/unalignable images with a warning")
     parser.add_argument("--raw", action="store_true", help="write embeddings as the network outputs them")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    add_detection_args(parser, one_face=True)
     add_model_args(parser)
     args = parser.parse_args(argv)
     npy_path, json_path = (args.output.with_name(args.output.name + suffix) for suffix in (".npy", ".json"))
@@ -47,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         for path in (npy_path, json_path):
             if path.exists() and not args.force:
                 raise FileExistsError(f"{path}: exists (use --force to replace it)")
+            check_writable(path)
         root, names = list_images(args.input)
         landmarks = load_landmarks(args.landmarks) if args.landmarks else None
-        crops, kept, skipped = load_crops(root, names, landmarks, args.skip_bad)
+        crops, kept, skipped, how = load_crops(root, names, landmarks, args.skip_bad, detection_from_args(args))
         embedder = embedder_from_args(args)
         embeddings = embedder.embed(crops, batch_size=args.batch_size, flip=args.flip)
-    except (OSError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for item in skipped:
@@ -61,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         embeddings = l2_normalize(embeddings)
     buf = io.BytesIO()
     np.save(buf, embeddings.astype(np.float32), allow_pickle=False)
-    listing = {"root": str(root), "files": kept, "skipped": skipped, "normalized": not args.raw, "flip": args.flip,
-               "aligned_with_landmarks": landmarks is not None, "backend": embedder.backend, "model": embedder.meta}
+    listing = {"root": str(root), "files": kept, "crops": how, "skipped": skipped, "normalized": not args.raw,
+               "flip": args.flip, "aligned_with_landmarks": landmarks is not None, "backend": embedder.backend,
+               "model": embedder.meta}
     atomic_write(npy_path, buf.getvalue(), force=args.force)
     atomic_write(json_path, (json.dumps(listing, indent=1) + "\n").encode(), force=args.force)
     print(f"{len(kept)} embeddings ({embeddings.shape[1]}-d, {embedder.backend}) -> {npy_path}, {json_path}"

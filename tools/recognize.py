@@ -12,6 +12,7 @@ Faces come from one of:
                    external detector (SCRFD, RetinaFace, ...) can write; tools/make_face_demo.py writes one.
   --detector ONNX  OpenCV's YuNet face detector (cv2.FaceDetectorYN, model file from the OpenCV model zoo), which
                    returns boxes and the 5 landmarks in ArcFace order.
+  --detect none    the photo is a face crop: embed it whole (the cascade often misses a face that fills the image).
 Faces with landmarks are aligned to the ArcFace template; a box alone is cropped square around its centre and
 resized to 112x112 (rougher; a Haar box is first enlarged 1.2x, its measured offset from the ArcFace crop).
 "No face found" exits with status 2 unless --allow-empty.
@@ -35,16 +36,13 @@ warnings.filterwarnings("ignore", message="No ccache found")
 import cv2
 import numpy as np
 
+from utils.cli import USER_ERRORS, check_writable, finite_float, positive_int
 from utils.embedder import add_model_args, embedder_from_args
+from utils.face_detect import HAAR_CASCADE, add_detection_args, crop_face, detection_from_args, no_face_message
 from utils.face_files import atomic_write, read_rgb
 from utils.gallery import UNKNOWN, GalleryIndex
-from utils.image import INPUT_SIZE, norm_crop
 
 NO_FACE_EXIT = 2
-HAAR_CASCADE = "haarcascade_frontalface_alt2.xml"
-# A Haar box is cropped as a square this many times its side. bench/recognize_haar.py (24 demo faces): the true
-# landmarks land on average 12.0 px (of 112) from the ArcFace template with no margin, 10.1 px at 1.2, 9.9 at 1.3.
-HAAR_MARGIN = 1.2
 
 
 def faces_from_file(path: str | Path, image_shape: tuple[int, ...]) -> list[dict]:
@@ -72,46 +70,6 @@ def faces_from_file(path: str | Path, image_shape: tuple[int, ...]) -> list[dict
     return faces
 
 
-def faces_from_haar(image_rgb: np.ndarray) -> list[dict]:
-    """Built-in fallback: OpenCV's frontal-face Haar cascade; boxes only, so the faces get the rougher box crop.
-
-    alt2 found 24 of 40 synthetic demo faces, the default cascade 21, neither any false detection
-    (bench/recognize_haar.py, seeds 0-7); on the default demo photo 4 and 3 of 5.
-    """
-    path = Path(cv2.data.haarcascades) / HAAR_CASCADE
-    if not (hasattr(cv2, "CascadeClassifier") and path.is_file()):  # OpenCV 5 dropped both
-        raise ValueError(f"{path}: no Haar cascade in OpenCV {cv2.__version__} (install the pinned "
-                         "opencv-python-headless 4.14, or give --faces FILE or --detector YUNET.onnx)")
-    cascade = cv2.CascadeClassifier(str(path))
-    boxes = cascade.detectMultiScale(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY), scaleFactor=1.1, minNeighbors=3,
-                                     minSize=(40, 40))
-    return [{"box": np.array([x, y, x + w, y + h], dtype=np.float64), "landmarks": None} for x, y, w, h in boxes]
-
-
-def faces_from_yunet(model: str | Path, image_rgb: np.ndarray, score_threshold: float) -> list[dict]:
-    """Run OpenCV's YuNet detector; rows are x, y, w, h, 5 landmarks (image-left eye first), score."""
-    height, width = image_rgb.shape[:2]
-    try:
-        detector = cv2.FaceDetectorYN.create(str(model), "", (width, height), score_threshold)
-        _, found = detector.detect(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
-    except cv2.error as e:
-        raise ValueError(f"{model}: cannot run it as an OpenCV YuNet face detector ({str(e).strip()[:200]})") from None
-    rows = [] if found is None else found
-    return [{"box": np.array([r[0], r[1], r[0] + r[2], r[1] + r[3]]), "landmarks": r[4:14].reshape(5, 2)}
-            for r in rows]
-
-
-def crop_face(image_rgb: np.ndarray, face: dict, margin: float = 1.0) -> np.ndarray:
-    """112x112 crop: ArcFace alignment from landmarks, else a square `margin` x the box around its centre."""
-    if face["landmarks"] is not None:
-        return norm_crop(image_rgb, face["landmarks"])
-    x1, y1, x2, y2 = face["box"]
-    cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, margin * max(x2 - x1, y2 - y1) / 2
-    scale = INPUT_SIZE / (2 * half)
-    matrix = np.array([[scale, 0, INPUT_SIZE / 2 - scale * cx], [0, scale, INPUT_SIZE / 2 - scale * cy]])
-    return cv2.warpAffine(image_rgb, matrix, (INPUT_SIZE, INPUT_SIZE), borderValue=0.0)
-
-
 def draw(image_rgb: np.ndarray, faces: list[dict], results: list[dict]) -> np.ndarray:
     """Boxes (green: known, red: unknown) with `name score` labels, as a BGR image ready to encode."""
     canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
@@ -136,17 +94,20 @@ def recognize(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.out}: exists (use --force to replace it)")
     if not cv2.haveImageWriter(str(args.out)):
         raise ValueError(f"{args.out}: OpenCV cannot write this image format (use .png or .jpg)")
+    check_writable(args.out)
+    if args.faces and (args.detector or args.detect == "none"):
+        raise ValueError("--faces gives the faces: it takes no --detector or --detect none")
+    detection = detection_from_args(args)
     image = read_rgb(args.image)
     index = GalleryIndex.load(args.index)
-    margin = 1.0
     if args.faces:
-        faces = faces_from_file(args.faces, image.shape)
-    elif args.detector:
-        faces = faces_from_yunet(args.detector, image, args.det_threshold)
+        faces, margin = faces_from_file(args.faces, image.shape), 1.0
     else:
-        faces, margin = faces_from_haar(image), HAAR_MARGIN
+        faces, margin = detection.find(image)
     if not faces and not args.allow_empty:
-        print(f"error: {args.image}: no face found", file=sys.stderr)
+        message = f"{args.image}: no face found ({args.faces} lists none)" if args.faces else no_face_message(
+            args.image, image.shape, detection)
+        print(f"error: {message}", file=sys.stderr)
         return NO_FACE_EXIT
     results = []
     if faces:
@@ -164,25 +125,26 @@ def recognize(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--image", required=True, help="the photo")
     parser.add_argument("--index", required=True, type=Path, help="gallery index from tools/gallery.py build")
     parser.add_argument("--out", required=True, type=Path, help="annotated image to write (.png, .jpg)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--faces", help="JSON list of face boxes (+ optional 5 landmarks) instead of the Haar cascade")
-    source.add_argument("--detector", help="OpenCV YuNet face detector .onnx instead of the Haar cascade")
-    parser.add_argument("--det-threshold", type=float, default=0.7, help="YuNet score threshold")
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--threshold", type=float, default=0.3, help="cosine score below which a face is 'unknown'")
+    parser.add_argument("--faces", help=f"JSON list of face boxes (+ optional 5 landmarks) instead of {HAAR_CASCADE}")
+    add_detection_args(parser, one_face=False)
+    parser.add_argument("--top-k", type=positive_int, default=3, help="identities listed per face")
+    parser.add_argument("--threshold", type=finite_float(-1, 1), default=0.3,
+                        help="cosine score (-1 to 1) below which a face is 'unknown'")
     parser.add_argument("--allow-empty", action="store_true", help="write the image and exit 0 when no face is found")
     parser.add_argument("--force", action="store_true", help="overwrite --out")
     add_model_args(parser)
     args = parser.parse_args(argv)
     try:
         return recognize(args)
-    except (OSError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from utils.cli import positive_float, positive_int
 from utils.image import INPUT_SIZE, preprocess_batch
 
 META_NAME = "meta.json"
@@ -236,13 +237,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="exported model: a tools/export.py directory, its model.json or model.onnx")
     group.add_argument("--weights", help="a .pdparams backbone state dict (dygraph; needs --network)")
     group.add_argument("--network", help="backbone name for --weights (r18, r34, r50, r100, r200, mbf, mbf_large)")
-    group.add_argument("--width", type=float, default=1.0, help="channel-width multiplier for --weights")
-    group.add_argument("--embedding-size", type=int, default=512, help="embedding size for --weights")
+    group.add_argument("--width", type=positive_float, default=1.0, help="channel-width multiplier for --weights")
+    group.add_argument("--embedding-size", type=positive_int, default=512, help="embedding size for --weights")
     group.add_argument("--backend", choices=["auto", "paddle", "onnx"], default="auto",
                        help="which file of an export directory to run (auto: Paddle Inference if present)")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: OMP_NUM_THREADS or all)")
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads (default: OMP_NUM_THREADS or all)")
     group.add_argument("--no-onednn", action="store_true", help="run Paddle Inference without oneDNN")
-    group.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    group.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     group.add_argument("--flip", action="store_true", help="add the embedding of the mirrored crop")
 
 

@@ -1,4 +1,4 @@
-"""Reading face images for the inference tools: which files, their 5-point landmarks, aligned crops, safe writes.
+"""Reading face images for the inference tools: which files, their 5-point landmarks, face crops, safe writes.
 
 Shared by tools/inference.py, tools/gallery.py and tools/recognize.py so they accept the same inputs and fail
 the same way: a bad file is named in a one-line error (or skipped and reported when the caller asks for it).
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.atomic import write_bytes_atomic
-from utils.image import INPUT_SIZE, decode_rgb, norm_crop
+from utils.face_detect import Detection, single_face_crop
+from utils.image import decode_rgb, norm_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
@@ -69,38 +70,42 @@ def load_landmarks(path: str | Path) -> dict[str, np.ndarray]:
     return marks
 
 
-def face_crop(root: Path, name: str, landmarks: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """The aligned 112x112 crop of one image: aligned by its landmarks if given, else it must already be 112x112."""
+def face_crop(root: Path, name: str, landmarks: dict[str, np.ndarray] | None = None,
+              detection: Detection | None = None) -> tuple[np.ndarray, str]:
+    """The 112x112 crop of one image and how it was made: aligned by its landmarks ("landmarks") when a landmarks
+    file is given, else `utils.face_detect.single_face_crop` (default `Detection()`: the Haar cascade)."""
     img = read_rgb(root / name)
     if landmarks is not None:
         points = landmarks.get(name, landmarks.get(Path(name).name))
         if points is None:
             raise ValueError(f"{root / name}: no landmarks for this image in the landmarks file")
-        return norm_crop(img, points)
-    if img.shape[:2] != (INPUT_SIZE, INPUT_SIZE):
-        raise ValueError(f"{root / name}: {img.shape[1]}x{img.shape[0]} is not an aligned {INPUT_SIZE}x{INPUT_SIZE} "
-                         "crop (give 5-point landmarks to align it)")
-    return img
+        return norm_crop(img, points), "landmarks"
+    return single_face_crop(img, root / name, detection or Detection())
 
 
 def load_crops(root: Path, names: list[str], landmarks: dict[str, np.ndarray] | None = None,
-               skip_bad: bool = False) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
-    """Aligned crops of `names` -> (N x 112 x 112 x 3 uint8, names kept, [{"file", "error"}] skipped).
+               skip_bad: bool = False, detection: Detection | None = None,
+               ) -> tuple[np.ndarray, list[str], list[dict[str, str]], list[str]]:
+    """Crops of `names` (see `face_crop`) -> (N x 112 x 112 x 3 uint8, names kept, [{"file", "error"}] skipped,
+    how each kept crop was made).
 
     A bad image raises ValueError unless `skip_bad`, in which case it is left out and reported.
     """
-    crops, kept, skipped = [], [], []
+    crops, kept, skipped, how = [], [], [], []
     for name in names:
         try:
-            crops.append(face_crop(root, name, landmarks))
-            kept.append(name)
+            crop, method = face_crop(root, name, landmarks, detection)
         except ValueError as e:
             if not skip_bad:
                 raise
             skipped.append({"file": name, "error": str(e)})
+            continue
+        crops.append(crop)
+        kept.append(name)
+        how.append(method)
     if not crops:
         raise ValueError(f"{root}: none of the {len(names)} images could be used")
-    return np.stack(crops), kept, skipped
+    return np.stack(crops), kept, skipped, how
 
 
 def atomic_write(path: str | Path, data: bytes, force: bool = False) -> None:
