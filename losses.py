@@ -90,29 +90,46 @@ class CombinedMarginLoss(paddle.nn.Layer):
             mask[cols, rows] = False
         return mask
 
+    # ---- The same math in Paddle ops (device-resident: no value ever goes to the host) ----
+    def target_logit_tensor(self, cos_t: paddle.Tensor) -> paddle.Tensor:
+        """target_logit on a tensor (evaluated in float64, returned in cos_t's dtype)."""
+        c = paddle.clip(cos_t.astype("float64"), -1.0, 1.0)
+        if self.has_angular_margin:
+            c = paddle.cos(self.m1 * paddle.acos(c) + self.m2)
+        return (self.s * (c - self.m3)).astype(cos_t.dtype)
+
+    def target_grad_tensor(self, cos_t: paddle.Tensor) -> paddle.Tensor:
+        """target_grad on a tensor (float64 inside, cos_t's dtype out)."""
+        if self.grad == "straight_through" or not self.has_angular_margin:
+            return paddle.full_like(cos_t, self.s)
+        theta = paddle.acos(paddle.clip(cos_t.astype("float64"), -_EXACT_COS_LIMIT, _EXACT_COS_LIMIT))
+        return (self.s * self.m1 * paddle.sin(self.m1 * theta + self.m2) / paddle.sin(theta)).astype(cos_t.dtype)
+
     # ---- Paddle autograd path (a plain, unsharded FC head) ----
     def forward(self, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-        """logits [B, C] cosines, labels [B] int (-1 = no target here) -> [B, C] margin logits with autograd."""
+        """logits [B, C] cosines, labels [B] int (-1 = no target here) -> [B, C] margin logits with autograd.
+
+        Nothing is read back to the host: the target column is indexed (no dense one-hot), and a label outside
+        [-1, C), which only the device can see, turns its row into NaN (the trainer's non-finite loss guard stops on
+        it) instead of raising. Shapes are checked on the host (they are known there).
+        """
         if logits.ndim != 2 or labels.reshape([-1]).shape[0] != logits.shape[0]:
             raise ValueError(f"CombinedMarginLoss: logits must be [B, C] and labels [B], got {logits.shape} "
                              f"and {labels.shape}")
-        labels = labels.reshape([-1]).astype("int64")
-        num_classes = logits.shape[1]
-        if labels.shape[0] and (int(labels.min()) < -1 or int(labels.max()) >= num_classes):
-            raise ValueError(f"CombinedMarginLoss: labels must be in [-1, {num_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        labels = labels.reshape([-1, 1]).astype("int64")
+        has_target = (labels >= 0) & (labels < logits.shape[1])
+        column = paddle.where(has_target, labels, paddle.zeros_like(labels))
         cos = paddle.clip(logits, -1.0, 1.0)
-        has_target = (labels >= 0).astype(cos.dtype).unsqueeze(1)
-        onehot = paddle.nn.functional.one_hot(labels.clip(min=0), num_classes).astype(cos.dtype) * has_target
+        cos_t = paddle.take_along_axis(cos, column, 1)
         if self.interclass_filtering_threshold > 0:  # drop negatives that look like the same identity
-            dirty = (cos > self.interclass_filtering_threshold).astype(cos.dtype) * (1.0 - onehot)
-            cos = cos * (1.0 - dirty)
-        cos_t = (cos * onehot).sum(axis=1, keepdim=True)
-        value = paddle.to_tensor(self.target_logit(cos_t.numpy()), dtype=cos.dtype, place=cos.place)
-        slope = paddle.to_tensor(self.target_grad(cos_t.numpy()), dtype=cos.dtype, place=cos.place)
+            cos = paddle.where(cos > self.interclass_filtering_threshold, paddle.zeros_like(cos), cos)
+        value, slope = self.target_logit_tensor(cos_t.detach()), self.target_grad_tensor(cos_t.detach())
         target = value + slope * (cos_t - cos_t.detach())  # value = margin logit, derivative = slope
-        out = cos * self.s * (1.0 - onehot) + onehot * target
-        return out
+        out = cos * self.s
+        out = paddle.put_along_axis(out, column, paddle.where(has_target, target,
+                                                              paddle.take_along_axis(out, column, 1)), 1)
+        bad = (labels < -1) | (labels >= logits.shape[1])
+        return paddle.where(bad, paddle.full_like(out, float("nan")), out)
 
 
 def build_margin_loss(cfg: Any) -> CombinedMarginLoss:

@@ -15,6 +15,7 @@ import paddle.distributed as dist
 
 from losses import CombinedMarginLoss
 from partial_fc import PartialFC, init_centres
+from pfc.sampling import sample_size
 from tests.pfc_reference import full_softmax
 
 C, D, D_IN, B = 37, 8, 6, 5
@@ -92,7 +93,7 @@ def check_sampling(setup: Setup) -> None:
     local = setup.y - pfc.class_start
     positives = np.unique(local[(local >= 0) & (local < pfc.num_local)])
     assert set(positives) <= set(idx), f"positives {positives} not all in the sample {idx}"
-    assert idx.size == max(int(0.5 * pfc.num_local), positives.size), (idx.size, pfc.num_local)
+    assert idx.size == sample_size(pfc.num_local, 0.5, setup.world * B), (idx.size, pfc.num_local)
     gathered: list = []
     dist.all_gather_object(gathered, (idx + pfc.class_start).tolist())
     sampled = np.concatenate(gathered)

@@ -10,6 +10,7 @@ import torch
 
 from config import DEFAULTS
 from losses import CombinedMarginLoss, build_margin_loss
+from tests.host_reads import forbid_host_reads
 from tests.pfc_reference import margin_logits
 
 MARGINS = {"arcface": (64.0, 1.0, 0.5, 0.0), "cosface": (64.0, 1.0, 0.0, 0.4), "combined": (32.0, 1.2, 0.3, 0.2)}
@@ -77,12 +78,24 @@ def test_invalid_margins_are_rejected(kwargs: dict, message: str) -> None:
         CombinedMarginLoss(**kwargs)
 
 
-def test_bad_labels_and_shapes() -> None:
+def test_bad_labels_give_nan_rows_and_bad_shapes_raise() -> None:
+    """Label values live on the device: a label outside [-1, C) poisons its row (NaN) instead of a host check."""
     loss = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
-    with pytest.raises(ValueError, match=r"labels must be in \[-1, 3\)"):
-        loss(paddle.zeros([2, 3]), paddle.to_tensor([0, 3]))
+    out = loss(paddle.to_tensor([[0.1, 0.2, 0.3]] * 3), paddle.to_tensor([0, 3, -2])).numpy()
+    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()
     with pytest.raises(ValueError, match="must be"):
         loss(paddle.zeros([2, 3]), paddle.to_tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("grad", ["straight_through", "exact"])
+def test_forward_and_backward_never_read_the_device(grad: str) -> None:
+    loss = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=0.3, grad=grad)
+    x = paddle.to_tensor(_cosines(np.random.default_rng(1)), dtype="float32", stop_gradient=False)
+    labels = paddle.to_tensor([0, 2, -1, 5, 8, 3])
+    with forbid_host_reads():
+        out = loss(x, labels)
+        out.sum().backward()
+    assert np.isfinite(x.grad.numpy()).all()
 
 
 def _cfg(**overrides: object) -> SimpleNamespace:

@@ -94,7 +94,8 @@ def test_positives_beyond_the_sample_size_are_all_kept() -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_two_steps_equal_torch_optimizer(optimizer: str) -> None:
+def test_two_steps_equal_torch_optimizer(optimizer: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # torch.optim's first use sets it otherwise
     margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
     pfc = PartialFC(margin, D, C, optimizer=optimizer, weight_decay=0.1 if optimizer == "adamw" else 5e-4)
     w = torch.tensor(pfc.weight.astype(np.float64), requires_grad=True)
@@ -231,9 +232,9 @@ def test_row_blocks_on_several_threads_give_the_same_results(monkeypatch: pytest
     emb, labels = _batch(6)
     results = []
     for block, threads in [(4096, 1), (7, 3)]:
-        monkeypatch.setattr("partial_fc._BLOCK", block)
+        monkeypatch.setattr("pfc.numpy_head._BLOCK", block)
         pfc = PartialFC(margin, D, C, sample_rate=0.6, seed=2)
-        pfc.threads = threads
+        pfc.head.threads = threads
         loss, grad_emb = _run(pfc, emb, labels)
         idx, grad_w = pfc.pending_gradient()
         pfc.step(0.1)

@@ -1,0 +1,301 @@
+"""The paddle backend of Partial FC: centres, optimizer state and every per-step operation on the device.
+
+The same math as the numpy backend, written in Paddle tensor ops so that the code a GPU runs is the code the CPU tests
+prove: labels all-gathered as tensors, seeded sampling by top-k over hashed scores (pfc.sampling), cosine logits, the
+margin on the target column (indexed, no one-hot), a softmax cross-entropy over all ranks with our own log-sum-exp
+(all_reduce of the max, the sum of exponentials and the target logit), a hand-written backward, and sparse SGD-momentum
+or AdamW on the sampled rows only. Nothing in forward, backward or step reads a tensor's value on the host: shapes are
+static functions of (num_local, sample_rate, batch), and the skip of a non-finite update is decided on the device.
+
+`kernel="fused"` swaps the margin + softmax cross-entropy for Paddle's `margin_cross_entropy` (GPU only, see
+`_fused_loss`), after a first-step check against the portable path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+import paddle.nn.functional as F
+
+from pfc.comm import AllGather, TensorComm
+from pfc.sampling import choose_paddle, sample_size
+from pfc.shards import init_centres, shard_range
+from pfc.spec import EXP_FLOOR, NORM_EPS, HeadSpec
+
+KERNELS = ("portable", "fused")
+FUSED_TOLERANCE = 1e-3  # relative difference of loss and embedding gradient above which the fused path is refused
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pass:
+    """One backward pass's head gradient: dL/dw_j = grad_t[:, j] . emb - beta_j * w_j on the sampled rows `idx`
+    (None = all rows), or the .grad of `leaf` (the fused path: Paddle's autograd differentiates the rows)."""
+
+    idx: paddle.Tensor | None
+    rows: paddle.Tensor                  # [S, D] weight rows of the sample (unchanged until step)
+    grad_t: paddle.Tensor | None = None  # [N, S] dL/dcos / |w|
+    emb: paddle.Tensor | None = None     # [N, D] normalised embeddings
+    beta: paddle.Tensor | None = None    # [S]
+    leaf: paddle.Tensor | None = None    # [S, D] rows as an autograd leaf (fused path)
+
+    def gradient(self) -> paddle.Tensor:
+        if self.leaf is not None:
+            return self.leaf.grad
+        return paddle.matmul(self.grad_t, self.emb, transpose_x=True) - self.beta.unsqueeze(1) * self.rows
+
+
+class _HeadFunction(paddle.autograd.PyLayer):
+    """loss = the head on the embeddings; backward returns their gradient and records the head's."""
+
+    @staticmethod
+    def forward(ctx: Any, embeddings: paddle.Tensor, head: PaddleHead, labels: paddle.Tensor, size: int,
+                keys: tuple[int, int]) -> paddle.Tensor:
+        loss, ctx.saved = head._forward(embeddings, labels, size, keys)
+        ctx.head, ctx.dtype = head, embeddings.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: paddle.Tensor) -> paddle.Tensor:
+        saved, ctx.saved = ctx.saved, None
+        return ctx.head._backward(saved, grad).astype(ctx.dtype)
+
+
+class PaddleHead:
+    """Centres and optimizer state as device tensors; forward/backward/step in Paddle ops, no host reads."""
+
+    def __init__(self, spec: HeadSpec, kernel: str = "portable", fp16: bool = False) -> None:
+        self.spec, self.kernel, self.fp16 = spec, kernel, fp16
+        self.comm = TensorComm(spec.world_size)
+        weight = np.empty((spec.num_local, spec.embedding_size), np.float32)
+        init_centres(weight, spec.class_start, spec.seed)
+        self.weight = paddle.to_tensor(weight)
+        self.opt_state = {name: paddle.zeros_like(self.weight) for name in spec.state_names}
+        self.num_updates = paddle.zeros([], "int64")  # steps applied (AdamW bias correction), counted on the device
+        self._pending: list[_Pass] = []
+        self._fused_checked = kernel == "portable"
+
+    def forward(self, local_embeddings: paddle.Tensor, labels: paddle.Tensor, size: int,
+                keys: tuple[int, int]) -> paddle.Tensor:
+        """labels: this rank's labels (an int64 tensor); gathered here, on the device."""
+        labels = labels.reshape([-1]).astype("int64")
+        if not self._fused_checked:
+            self._check_fused(local_embeddings, labels, size, keys)
+        if self.kernel == "fused":
+            return self._fused_loss(local_embeddings, labels, size, keys)
+        return _HeadFunction.apply(local_embeddings, self, labels, size, keys)
+
+    # ------------------------------------------------------------------ forward
+    def _sample(self, local_emb: paddle.Tensor, labels: paddle.Tensor, size: int, keys: tuple[int, int]):
+        """Gathered embeddings and labels, the sample and each sample's target column in it."""
+        spec = self.spec
+        emb = self.comm.all_gather(local_emb.astype("float32"))
+        local = self.comm.all_gather(labels) - spec.class_start
+        self._invalid = ((local < -spec.class_start) | (local >= spec.num_classes - spec.class_start)).any()
+        idx = choose_paddle(local, spec.num_local, size, keys)
+        if idx is None:
+            has_target = (local >= 0) & (local < spec.num_local)
+            column = local
+        else:
+            column = paddle.clip(paddle.searchsorted(idx, local), max=size - 1)
+            has_target = paddle.index_select(idx, column) == local
+        column = paddle.where(has_target, column, paddle.zeros_like(column)).unsqueeze(1)
+        rows = self.weight if idx is None else paddle.index_select(self.weight, idx)
+        return emb, idx, rows, column, has_target.unsqueeze(1)
+
+    def _forward(self, local_emb: paddle.Tensor, labels: paddle.Tensor, size: int,
+                 keys: tuple[int, int]) -> tuple[paddle.Tensor, dict]:
+        margin, comm = self.spec.margin, self.comm
+        emb, idx, rows, column, has_target = self._sample(local_emb, labels, size, keys)
+        norms = paddle.clip(paddle.linalg.norm(emb, axis=1, keepdim=True), min=NORM_EPS)
+        emb_n = emb / norms
+        inv_w = 1.0 / paddle.clip(paddle.linalg.norm(rows, axis=1), min=NORM_EPS)
+        cos = paddle.clip(paddle.matmul(emb_n, rows, transpose_y=True) * inv_w, -1.0, 1.0)  # [N, S]
+        cos_t = paddle.take_along_axis(cos, column, 1)
+        target_logit = margin.target_logit_tensor(cos_t)
+        logits = cos * margin.s
+        mask = None
+        if margin.interclass_filtering_threshold > 0:  # negatives above the threshold: logit 0, no gradient
+            mask = cos > margin.interclass_filtering_threshold
+            logits = paddle.where(mask, paddle.zeros_like(logits), logits)
+        _put_column(logits, column, has_target, target_logit)
+        top = comm.all_reduce(logits.max(axis=1, keepdim=True), dist.ReduceOp.MAX)
+        exps = paddle.exp(paddle.clip(logits - top, min=EXP_FLOOR))  # floor: see numpy_head (denormals)
+        del logits
+        sumexp = comm.all_reduce(exps.sum(axis=1, keepdim=True))
+        target = comm.all_reduce(paddle.where(has_target, target_logit, paddle.zeros_like(target_logit)))
+        loss = (paddle.log(sumexp) + top - target).mean()
+        loss = paddle.where(self._invalid, paddle.full_like(loss, float("nan")), loss)  # a label out of range
+        saved = dict(emb_n=emb_n, norms=norms, idx=idx, rows=rows, inv_w=inv_w, cos=cos, exps=exps, sumexp=sumexp,
+                     column=column, has_target=has_target, target_grad=margin.target_grad_tensor(cos_t), mask=mask)
+        return loss, saved
+
+    # ----------------------------------------------------------------- backward
+    def _backward(self, saved: dict, grad_loss: paddle.Tensor) -> paddle.Tensor:
+        """Embedding gradient of this rank's samples (x W: DataParallel averages); the head's is kept for step()."""
+        spec, column, has_target = self.spec, saved["column"], saved["has_target"]
+        n = saved["emb_n"].shape[0]
+        grad_loss = grad_loss.reshape([]).astype("float32")
+        prob = saved["exps"] / saved["sumexp"]
+        grad = prob * (grad_loss * (spec.margin.s / n))  # dL/dcos of the negatives
+        if saved["mask"] is not None:
+            grad = paddle.where(saved["mask"], paddle.zeros_like(grad), grad)
+        grad_target = (paddle.take_along_axis(prob, column, 1) - 1.0) * (grad_loss / n) * saved["target_grad"]
+        _put_column(grad, column, has_target, grad_target)
+        grad_t = grad * saved["inv_w"]  # through w / |w|: the cosine is (e_n . w) / |w|
+        beta = saved["inv_w"] * (grad_t * saved["cos"]).sum(axis=0)
+        grad_emb_n = self.comm.all_reduce(paddle.matmul(grad_t, saved["rows"]))
+        b = n // spec.world_size
+        e, g = saved["emb_n"][spec.rank * b:(spec.rank + 1) * b], grad_emb_n[spec.rank * b:(spec.rank + 1) * b]
+        grad_emb = (g - (g * e).sum(axis=1, keepdim=True) * e) / saved["norms"][spec.rank * b:(spec.rank + 1) * b]
+        self._pending.append(_Pass(saved["idx"], saved["rows"], grad_t, saved["emb_n"], beta))
+        return grad_emb * float(spec.world_size)
+
+    # --------------------------------------------------------------------- step
+    def zero_grad(self) -> None:
+        self._pending = []
+
+    def grads_finite(self) -> paddle.Tensor:
+        """Whether the pending head gradient is finite: a bool tensor on the device (nothing is read)."""
+        checks = [paddle.isfinite(p.gradient()).all() for p in self._pending]
+        return paddle.stack(checks).all() if checks else paddle.full([], True, "bool")
+
+    def _combined(self) -> tuple[paddle.Tensor | None, paddle.Tensor, paddle.Tensor]:
+        """(rows, their weights, their summed gradient) over the pending passes. Several passes: the rows of all
+        passes sorted, each position carrying its row's total (static shapes; duplicate rows then write the same
+        values, so the scatter is deterministic)."""
+        if len(self._pending) == 1:
+            only = self._pending[0]
+            return only.idx, only.rows, only.gradient()
+        arange = paddle.arange(self.spec.num_local, dtype="int64")
+        idx = paddle.concat([arange if p.idx is None else p.idx for p in self._pending])
+        grad = paddle.concat([p.gradient() for p in self._pending])
+        order = paddle.argsort(idx, stable=True)
+        idx, grad = paddle.index_select(idx, order), paddle.index_select(grad, order)
+        first = paddle.concat([paddle.ones([1], "int64"), (idx[1:] != idx[:-1]).astype("int64")])
+        group = paddle.cumsum(first) - 1
+        total = paddle.zeros_like(grad).index_add(group, 0, grad)
+        return idx, paddle.index_select(self.weight, idx), paddle.index_select(total, group)
+
+    def step(self, lr: float, loss_scale: float | paddle.Tensor = 1.0) -> bool:
+        """Update the rows sampled since the last step. A non-finite gradient leaves every row and state unchanged,
+        decided on the device (the host is not told: returns True; use grads_finite() to decide on the host)."""
+        if not self._pending:
+            return True
+        spec = self.spec
+        idx, w, grad = self._combined()
+        self._pending = []
+        grad = grad * (1.0 / loss_scale)
+        ok = paddle.isfinite(grad).all()
+        states = [s if idx is None else paddle.index_select(s, idx) for s in self.opt_state.values()]
+        if spec.optimizer == "sgd":
+            (mom,) = states
+            mom_new = spec.momentum * mom + grad + spec.weight_decay * w  # Paddle Momentum / torch SGD, L2 decay
+            new = [w - lr * mom_new, mom_new]
+        else:  # lazy AdamW, torch's formula (decoupled decay), step count on the device
+            (b1, b2), t = spec.betas, (self.num_updates + 1).astype("float64")
+            exp_avg = b1 * states[0] + (1 - b1) * grad
+            exp_avg_sq = b2 * states[1] + (1 - b2) * grad * grad
+            step_size = (lr / (1.0 - paddle.pow(paddle.full([], b1, "float64"), t))).astype("float32")
+            debias = (1.0 - paddle.pow(paddle.full([], b2, "float64"), t)).astype("float32")
+            denom = paddle.sqrt(exp_avg_sq / debias) + spec.eps
+            new = [w * (1.0 - lr * spec.weight_decay) - step_size * exp_avg / denom, exp_avg, exp_avg_sq]
+        for target, old, value in zip([self.weight, *self.opt_state.values()], [w, *states], new, strict=True):
+            _write_rows(target, idx, paddle.where(ok, value, old))
+        self.num_updates += ok.astype("int64")
+        return True
+
+    def pending_gradient(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted local rows, their summed gradient) on the host: for tests and checks, never called in training."""
+        if not self._pending:
+            return np.zeros(0, np.int64), np.zeros((0, self.spec.embedding_size), np.float32)
+        idx, _, grad = self._combined()
+        idx = np.arange(self.spec.num_local) if idx is None else idx.numpy()
+        rows, first = np.unique(idx, return_index=True)
+        return rows, grad.numpy()[first]
+
+    # -------------------------------------------------------------------- state
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Host copies of the weight and optimizer state."""
+        return {"weight": self.weight.numpy(), **{k: v.numpy() for k, v in self.opt_state.items()}}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray], num_updates: int) -> None:
+        for name, target in [("weight", self.weight), *self.opt_state.items()]:
+            paddle.assign(paddle.to_tensor(np.ascontiguousarray(arrays[name], np.float32)), output=target)
+        self.num_updates = paddle.full([], num_updates, "int64")
+        self._pending = []
+
+    # ------------------------------------------------------------ fused kernels
+    def _fused_loss(self, local_emb: paddle.Tensor, labels: paddle.Tensor, size: int,
+                    keys: tuple[int, int]) -> paddle.Tensor:
+        """Paddle's margin_cross_entropy (CUDA kernel, NCCL) on the portable path's sample. GPU only: not run here.
+
+        Paddle's class_center_sample is not used: its draw is not seeded per step, so a resumed run would sample
+        other classes; the portable sampler is exact on resume and equal to the numpy backend's."""
+        spec, margin = self.spec, self.spec.margin
+        emb = AllGather.apply(local_emb, self.comm, spec.rank) if spec.world_size > 1 else local_emb
+        _, idx, rows, column, has_target = self._sample(local_emb.detach(), labels, size, keys)
+        rows = rows.detach()
+        rows.stop_gradient = False
+        with paddle.amp.auto_cast(self.fp16):
+            cos = paddle.matmul(F.normalize(emb), F.normalize(rows), transpose_y=True)
+        batch = emb.shape[0]
+        offset = sum(sample_size(shard_range(spec.num_classes, spec.world_size, r)[1], spec.sample_rate, batch)
+                     for r in range(spec.rank))  # columns of the ranks before this one (static)
+        label = self.comm.all_reduce(paddle.where(has_target, column + offset, paddle.zeros_like(column)).squeeze(1))
+        loss = F.margin_cross_entropy(cos.astype("float32"), label, margin.m1, margin.m2, margin.m3, margin.s,
+                                      group=None if spec.world_size > 1 else False)
+        self._pending.append(_Pass(idx, rows.detach(), leaf=rows))
+        return loss
+
+    def _check_fused(self, local_emb: paddle.Tensor, labels: paddle.Tensor, size: int,
+                     keys: tuple[int, int]) -> None:
+        """First step with kernel="fused": loss and embedding gradient of both paths on the same sample; the fused
+        path is refused (one log line, portable from then on) if they differ by more than FUSED_TOLERANCE relative.
+        A one-time host read, before training proper."""
+        self._fused_checked = True
+        results = []
+        for use_fused in (False, True):
+            emb = local_emb.detach()
+            emb.stop_gradient = False
+            try:
+                loss = (self._fused_loss(emb, labels, size, keys) if use_fused
+                        else _HeadFunction.apply(emb, self, labels, size, keys))
+                (grad,) = paddle.grad([loss], [emb])
+                results.append((loss.astype("float64"), grad.astype("float64")))
+            except (RuntimeError, ValueError, NotImplementedError) as exc:  # no kernel on this device
+                self.kernel = "portable"
+                log.warning("pfc_kernel fused refused: margin_cross_entropy failed (%s); using the portable path",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                break
+        self._pending = []
+        if self.kernel != "fused":
+            return
+        (loss_p, grad_p), (loss_f, grad_f) = results
+        diff = paddle.stack([paddle.abs(loss_f - loss_p) / paddle.abs(loss_p).clip(min=1e-12),
+                             paddle.abs(grad_f - grad_p).max() / paddle.abs(grad_p).max().clip(min=1e-12)])
+        worst = float(self.comm.all_reduce(diff.max(), dist.ReduceOp.MAX))
+        if worst > FUSED_TOLERANCE:
+            self.kernel = "portable"
+            log.warning("pfc_kernel fused refused: fused margin_cross_entropy differs from the portable path by "
+                        "%.2e relative (> %g) on the first step; using the portable path", worst, FUSED_TOLERANCE)
+
+
+def _put_column(matrix: paddle.Tensor, column: paddle.Tensor, has_target: paddle.Tensor,
+                value: paddle.Tensor) -> None:
+    """matrix[i, column[i]] = value[i] where has_target[i] (other rows keep their entry), in place."""
+    keep = paddle.take_along_axis(matrix, column, 1)
+    matrix.put_along_axis_(column, paddle.where(has_target, value, keep), 1)
+
+
+def _write_rows(target: paddle.Tensor, idx: paddle.Tensor | None, value: paddle.Tensor) -> None:
+    """target[idx] = value in place (idx None: every row)."""
+    if idx is None:
+        paddle.assign(value, output=target)
+    else:
+        paddle.scatter_(target, idx, value)
