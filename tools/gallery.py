@@ -74,10 +74,12 @@ def build(args: argparse.Namespace) -> int:
     embeddings = embedder.embed(crops, batch_size=args.batch_size, flip=args.flip)
     crops_by = dict(Counter(how))
     meta = {**embedder.meta, "flip": args.flip, "images": len(kept), "skipped": len(skipped), "crops": crops_by}
-    index = build_index(embeddings, [label_of[n] for n in kept], kept, args.per_image, meta)
+    identities = [label_of[n] for n in kept]
+    index = build_index(embeddings, identities, kept, args.per_image, meta)
     index.save(args.out, force=args.force)
-    print(f"{len(set(labels))} identities, {len(kept)} images ({', '.join(f'{n} {k}' for k, n in crops_by.items())}), "
-          f"{index.embedding_size}-d ({'per image' if args.per_image else 'mean per identity'}) -> {args.out}")
+    made = ", ".join(f"{n} {kind}" for kind, n in crops_by.items())
+    print(f"{len(set(identities))} identities, {len(kept)} images ({made}), {index.embedding_size}-d "
+          f"({'per image' if args.per_image else 'mean per identity'}) -> {args.out}")
     return 0
 
 
