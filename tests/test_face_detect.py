@@ -184,4 +184,12 @@ def test_small_image_and_option_conflicts(setup, tmp_path, capsys):
     assert inference_tool.main(["--input", str(tmp_path / "tiny.png"), "--detect", "none", "--detector", "y.onnx",
                                 *out]) == 1
     assert "--detect none embeds whole images: it takes no --detector" in capsys.readouterr().err
+    (tmp_path / "marks.txt").write_text("tiny.png 10 15 20 15 15 20 11 25 19 25\n")
+    assert inference_tool.main(["--input", str(tmp_path / "tiny.png"), "--landmarks", str(tmp_path / "marks.txt"),
+                                "--detect", "none", *out]) == 1  # would be ignored: the landmarks give the face
+    assert "--landmarks gives the faces: it takes no --detector or --detect none" in capsys.readouterr().err
     assert not list(tmp_path.glob("emb*"))
+    assert recognize_tool.main(["--image", str(tmp_path / "tiny.png"), "--faces", str(tmp_path / "faces.json"),
+                                "--detector", "y.onnx", "--index", str(tmp_path / "i.npz"),
+                                "--out", str(tmp_path / "a.png"), *model]) == 1
+    assert "--faces gives the faces: it takes no --detector" in capsys.readouterr().err

@@ -65,8 +65,9 @@ def build(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
     names, labels = gallery_labels(root)
+    detection = detection_from_args(args, "--landmarks")
     landmarks = load_landmarks(args.landmarks) if args.landmarks else None
-    crops, kept, skipped, how = load_crops(root, names, landmarks, args.skip_bad, detection_from_args(args))
+    crops, kept, skipped, how = load_crops(root, names, landmarks, args.skip_bad, detection)
     for item in skipped:
         print(f"warning: skipped {item['error']}", file=sys.stderr)
     label_of = dict(zip(names, labels, strict=True))
@@ -86,8 +87,9 @@ def build(args: argparse.Namespace) -> int:
 def search(args: argparse.Namespace) -> int:
     index = GalleryIndex.load(args.index)
     root, names = list_images(args.query)
+    detection = detection_from_args(args, "--landmarks")
     landmarks = load_landmarks(args.landmarks) if args.landmarks else None
-    crops, kept, skipped, _ = load_crops(root, names, landmarks, args.skip_bad, detection_from_args(args))
+    crops, kept, skipped, _ = load_crops(root, names, landmarks, args.skip_bad, detection)
     embedder = embedder_from_args(args)
     index.check_model(embedder.embedding_size, embedder.meta, str(args.index))
     results = index.search(embedder.embed(crops, batch_size=args.batch_size, flip=args.flip), args.top_k,

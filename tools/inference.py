@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileExistsError(f"{path}: exists (use --force to replace it)")
             check_writable(path)
         root, names = list_images(args.input)
+        detection = detection_from_args(args, "--landmarks")
         landmarks = load_landmarks(args.landmarks) if args.landmarks else None
-        crops, kept, skipped, how = load_crops(root, names, landmarks, args.skip_bad, detection_from_args(args))
+        crops, kept, skipped, how = load_crops(root, names, landmarks, args.skip_bad, detection)
         embedder = embedder_from_args(args)
         embeddings = embedder.embed(crops, batch_size=args.batch_size, flip=args.flip)
     except USER_ERRORS as e:

@@ -95,9 +95,7 @@ def recognize(args: argparse.Namespace) -> int:
     if not cv2.haveImageWriter(str(args.out)):
         raise ValueError(f"{args.out}: OpenCV cannot write this image format (use .png or .jpg)")
     check_writable(args.out)
-    if args.faces and (args.detector or args.detect == "none"):
-        raise ValueError("--faces gives the faces: it takes no --detector or --detect none")
-    detection = detection_from_args(args)
+    detection = detection_from_args(args, "--faces")
     image = read_rgb(args.image)
     index = GalleryIndex.load(args.index)
     if args.faces:

@@ -70,9 +70,13 @@ def add_detection_args(parser: argparse.ArgumentParser, *, one_face: bool) -> No
     parser.add_argument("--det-threshold", type=finite_float(0, 1), default=0.7, help="YuNet score threshold")
 
 
-def detection_from_args(args: argparse.Namespace) -> Detection:
+def detection_from_args(args: argparse.Namespace, faces_option: str) -> Detection:
+    """The options `add_detection_args` declared; `faces_option` (--landmarks, --faces) gives the faces from a file
+    instead, so a detection option beside it would be silently ignored: refused."""
     if args.detect == "none" and args.detector:
         raise ValueError("--detect none embeds whole images: it takes no --detector")
+    if getattr(args, faces_option.lstrip("-")) and (args.detector or args.detect == "none"):
+        raise ValueError(f"{faces_option} gives the faces: it takes no --detector or --detect none")
     return Detection(args.detect, args.detector, args.det_threshold)
 
 
