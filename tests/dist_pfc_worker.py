@@ -1,12 +1,15 @@
 """Worker for tests/test_partial_fc_dist.py, run on 2 CPU ranks by tests/launch.py (paddle.distributed.launch, gloo).
 
 `check IN_DIR OUT_DIR`: W=2 equals the single-process float64 full softmax (loss, embedding, backbone-after-
-DataParallel and shard gradients), sample_rate=0.5 sparsity, collective input errors, load of a W=1 save and a W=2 save.
+DataParallel and shard gradients) on both backends, sample_rate=0.5 sparsity, collective input errors, the paddle
+backend equal to the numpy backend in every case of tests/pfc_backends.py, three paddle-backend steps without a host
+read, load of a W=1 save into the paddle backend and a W=2 save.
 `die`: rank 1 exits mid-training; rank 0 must not hang.
 """
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ import paddle.distributed as dist
 from losses import CombinedMarginLoss
 from partial_fc import PartialFC, init_centres
 from pfc.sampling import sample_size
+from tests.host_reads import forbid_host_reads
+from tests.pfc_backends import PASSES, STEPS, batches, cases, compare, run
 from tests.pfc_reference import full_softmax
 
 C, D, D_IN, B = 37, 8, 6, 5
@@ -52,8 +57,9 @@ class Setup:
         self.net.bias.set_value(self.b_net)
         self.model = paddle.DataParallel(self.net)
         self.local = slice(rank * B, (rank + 1) * B)
-        self.full_w = np.empty((C, D), np.float32)
+        self.full_w, self.full_w_11 = np.empty((C, D), np.float32), np.empty((C, D), np.float32)
         init_centres(self.full_w, 0, seed=0)
+        init_centres(self.full_w_11, 0, seed=11)  # the centres of tests/pfc_backends.py's heads
 
     def run(self, pfc: PartialFC) -> tuple[float, np.ndarray]:
         grads = []
@@ -68,9 +74,9 @@ class Setup:
         return full_softmax(emb, weight, labels, *margin)
 
 
-def check_exactness(setup: Setup) -> None:
+def check_exactness(setup: Setup, backend: str) -> None:
     for case in CASES:
-        pfc = PartialFC(CombinedMarginLoss(*case[:4], grad=case[4]), D, C)
+        pfc = PartialFC(CombinedMarginLoss(*case[:4], grad=case[4]), D, C, backend=backend)
         loss, grad_emb = setup.run(pfc)
         ref_loss, ref_emb, ref_w = setup.reference(setup.full_w, setup.y, case)
         close(f"loss {case}", loss, ref_loss)
@@ -110,8 +116,8 @@ def check_sampling(setup: Setup) -> None:
     setup.net.clear_gradients()
 
 
-def check_bad_inputs(setup: Setup) -> None:
-    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C)
+def check_bad_inputs(setup: Setup, backend: str) -> None:
+    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, backend=backend)
     x, y = paddle.to_tensor(setup.x[setup.local] @ setup.w_net), setup.y[setup.local].copy()
     if setup.rank == 1:
         y[0] = C
@@ -123,12 +129,34 @@ def check_bad_inputs(setup: Setup) -> None:
     assert np.isfinite(float(pfc(x, paddle.to_tensor(setup.y[setup.local])))), "ranks out of step after errors"
 
 
+def check_backends(setup: Setup) -> None:
+    """The paddle backend equals the numpy backend on 2 ranks, case by case (one launch for all cases)."""
+    data = batches(np.random.default_rng(7), STEPS * PASSES, setup.world * B, D, C, near=setup.full_w_11)
+    for case in cases():
+        compare(run("paddle", case, data, D, C, setup.local), run("numpy", case, data, D, C, setup.local),
+                f"rank {setup.rank} {case}")
+
+
+def check_no_host_reads(setup: Setup) -> None:
+    """Three sampled SGD steps of the paddle backend on 2 ranks with every Tensor host read raising (after a first
+    step: its one-time input check reads the labels)."""
+    margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=0.2, grad="exact")
+    pfc = PartialFC(margin, D, C, sample_rate=0.3, backend="paddle")
+    data = batches(np.random.default_rng(8), 4, setup.world * B, D, C)
+    for k, (emb, labels) in enumerate(data):
+        with forbid_host_reads() if k else nullcontext():
+            x = paddle.to_tensor(emb[setup.local], stop_gradient=False)
+            pfc(x, paddle.to_tensor(labels[setup.local])).backward()
+            pfc.step(0.1)
+    assert pfc.num_updates == 4
+
+
 def check_reshard(setup: Setup, in_dir: Path, out_dir: Path) -> None:
-    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, sample_rate=0.5)
-    pfc.load(in_dir)  # saved by a single process
+    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, sample_rate=0.5, backend="paddle")
+    pfc.load(in_dir)  # saved by a single process, numpy backend
     rows = slice(pfc.class_start, pfc.class_start + pfc.num_local)
-    assert np.array_equal(pfc.weight, np.load(in_dir / "softmax_weight.r0.npy")[rows])
-    assert np.array_equal(pfc.opt_state["momentum"], np.load(in_dir / "softmax_mom.r0.npy")[rows])
+    assert np.array_equal(pfc.weight.numpy(), np.load(in_dir / "softmax_weight.r0.npy")[rows])
+    assert np.array_equal(pfc.opt_state["momentum"].numpy(), np.load(in_dir / "softmax_mom.r0.npy")[rows])
     setup.run(pfc)
     pfc.step(0.1)
     pfc.save(out_dir)  # the test loads it with W=1
@@ -150,9 +178,12 @@ def main() -> None:
     if sys.argv[1] == "die":
         die(setup)
         return
-    check_exactness(setup)
+    for backend in ("numpy", "paddle"):
+        check_exactness(setup, backend)
+        check_bad_inputs(setup, backend)
     check_sampling(setup)
-    check_bad_inputs(setup)
+    check_backends(setup)
+    check_no_host_reads(setup)
     check_reshard(setup, Path(sys.argv[2]), Path(sys.argv[3]))
     print(f"rank {setup.rank}: PFC WORKER OK", flush=True)
 

@@ -1,4 +1,5 @@
-"""Partial FC on 2 real CPU ranks (paddle.distributed.launch, gloo): exactness, sampling, re-sharding, rank failure."""
+"""Partial FC on 2 real CPU ranks (paddle.distributed.launch, gloo): exactness of both backends, paddle backend ==
+numpy backend in every case, no host reads, sampling, re-sharding across backends and world sizes, rank failure."""
 
 import time
 from pathlib import Path
