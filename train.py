@@ -28,6 +28,7 @@ import cv2
 import paddle
 
 from backbones import get_model, load_weights
+from backbones.cpu import prefer_avx2_mkl
 from config import Config, ConfigError, format_config, parse_args
 from dataset import build_dataloader, build_dataset, dataset_dir, to_model_input
 from eval.callback import VerificationCallback
@@ -296,6 +297,7 @@ def _log_step(log: logging.Logger, metrics: MetricsWriter | None, meter: StepMet
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     cfg = parse_args(argv)
     try:
         return train(cfg)

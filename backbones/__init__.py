@@ -5,10 +5,6 @@
 
 from __future__ import annotations
 
-from .cpu import prefer_avx2_mkl
-
-prefer_avx2_mkl()  # before the first Paddle matmul/conv of the process: see backbones/cpu.py
-
 from paddle import nn
 
 from .iresnet import STAGE_BLOCKS, IResNet, iresnet

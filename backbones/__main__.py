@@ -12,6 +12,8 @@ from .summary import summary
 
 
 def main(argv: list[str] | None = None) -> None:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(prog="python -m backbones", description=__doc__)
     parser.add_argument("--summary", action="store_true", help="print parameters and multiply-adds per backbone")
     parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated subset")

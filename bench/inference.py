@@ -129,6 +129,8 @@ def bench(network: str, threads: int, repeats_b1: int, repeats_b64: int, rounds:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", default="mbf,r50", help="comma-separated backbone names")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")

@@ -129,6 +129,8 @@ def save_atomic(state: dict[str, np.ndarray], output: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backbones.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", required=True, choices=NETWORKS, help="backbone the weights belong to")
     parser.add_argument("--input", required=True, type=Path, help="arcface_torch backbone.pth or checkpoint .pt")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import paddle
@@ -212,10 +211,10 @@ def test_fast_paths_give_plain_dygraph_gradients(name: str, monkeypatch: pytest.
 
 
 def test_avx2_mkl_is_requested_on_amd_only_and_never_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    environ: dict[str, str] = {}  # never the process's own: a leaked value changes MKL's kernels in later subprocesses
     monkeypatch.setattr(cpu, "cpu_vendor", lambda: "GenuineIntel")
-    assert not cpu.prefer_avx2_mkl() and "MKL_DEBUG_CPU_TYPE" not in os.environ
+    assert not cpu.prefer_avx2_mkl(environ) and "MKL_DEBUG_CPU_TYPE" not in environ
     monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
-    assert cpu.prefer_avx2_mkl() and os.environ["MKL_DEBUG_CPU_TYPE"] == "5"
-    monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "")  # the user's opt-out
-    assert not cpu.prefer_avx2_mkl() and os.environ["MKL_DEBUG_CPU_TYPE"] == ""
+    assert cpu.prefer_avx2_mkl(environ) and environ["MKL_DEBUG_CPU_TYPE"] == "5"
+    environ["MKL_DEBUG_CPU_TYPE"] = ""  # the user's opt-out
+    assert not cpu.prefer_avx2_mkl(environ) and environ["MKL_DEBUG_CPU_TYPE"] == ""
