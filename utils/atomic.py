@@ -1,12 +1,49 @@
-"""All-or-nothing file writes: a crash or an error never leaves a half-written file under the final name."""
+"""All-or-nothing file writes: a crash or an error never leaves a half-written file under the final name.
+
+Temporary files are created with mode 0666 minus the umask, like any file the user writes (tempfile.mkstemp would
+make every model, index and export 0600), and a failed write names the file it was writing: the OS error of a
+full disk (`No space left on device`) carries no file name of its own.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def with_path(error: OSError, path: str | Path) -> OSError:
+    """`error` as the same OSError type, naming `path` (the destination the user asked for)."""
+    if error.errno is None:
+        return type(error)(f"{path}: {error}")
+    return type(error)(error.errno, error.strerror or os.strerror(error.errno), str(path))
+
+
+@contextmanager
+def errors_name(path: str | Path, *aliases: str | Path) -> Iterator[None]:
+    """Re-raise an OSError inside the block that names no file (or one of `aliases`, e.g. a temp file) as one
+    naming `path`; errors about other files pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or str(e.filename) in {str(a) for a in aliases}:
+            raise with_path(e, path) from e
+        raise
+
+
+def _new_temp_file(path: Path) -> Path:
+    """An empty file beside `path`, created exclusively, with the mode the umask gives."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:  # no such directory, no permission: say which file could not be written
+            raise with_path(e, path) from e
 
 
 @contextmanager
@@ -14,19 +51,19 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; write the file there.
 
     When the block succeeds the file is fsynced and renamed over `path` (rename is atomic within a directory);
-    when it fails, or is killed, `path` keeps its old content and the temporary file is removed.
+    when it fails, or is killed, `path` keeps its old content and the temporary file is removed. An OSError
+    (full disk, no permission) names `path`.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tmp = _new_temp_file(path)
+    with errors_name(path, tmp):
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

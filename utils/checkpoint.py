@@ -133,20 +133,23 @@ def save_checkpoint(run_dir: Path, step: int, *, backbone: paddle.nn.Layer, opti
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier(world)
-    pfc.save(tmp)
-    if _WRITE_DELAY:
-        time.sleep(_WRITE_DELAY)
-    (tmp / f"rng.r{rank}.json").write_text(json.dumps(rng_state()))
-    _written(tmp / f"rng.r{rank}.json")
-    if rank == 0:
-        paddle.save(backbone.state_dict(), str(tmp / "backbone.pdparams"))
-        _written(tmp / "backbone.pdparams")
-        paddle.save(optimizer_state(optimizer, backbone), str(tmp / "optimizer.pdopt"))
-        _written(tmp / "optimizer.pdopt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "world_size": world}))
-        _written(tmp / "trainer_state.json")
-        (tmp / "config.json").write_text(cfg.to_json())
-        _written(tmp / "config.json")
+    try:  # a full disk's error names no file: name the checkpoint
+        pfc.save(tmp)
+        if _WRITE_DELAY:
+            time.sleep(_WRITE_DELAY)
+        (tmp / f"rng.r{rank}.json").write_text(json.dumps(rng_state()))
+        _written(tmp / f"rng.r{rank}.json")
+        if rank == 0:
+            paddle.save(backbone.state_dict(), str(tmp / "backbone.pdparams"))
+            _written(tmp / "backbone.pdparams")
+            paddle.save(optimizer_state(optimizer, backbone), str(tmp / "optimizer.pdopt"))
+            _written(tmp / "optimizer.pdopt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "world_size": world}))
+            _written(tmp / "trainer_state.json")
+            (tmp / "config.json").write_text(cfg.to_json())
+            _written(tmp / "config.json")
+    except OSError as e:
+        raise atomic.with_path(e, final) from e
     barrier(world)  # every rank's shards are on disk
     if rank == 0:
         for f in tmp.iterdir():

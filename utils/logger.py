@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from utils.atomic import errors_name
+
 LOGGER_NAME = "arcface"
 
 
@@ -48,7 +50,7 @@ class MetricsWriter:
                 self.vdl = LogWriter(logdir=str(run_dir / "visualdl"))
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        with errors_name(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
         if self.vdl is not None:
             step = int(record["step"])

@@ -17,8 +17,11 @@ from typing import Any
 import numpy as np
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names a global that is not on the allow-list."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The pickle names a global that is not on the allow-list (a ValueError: bad input, one line for the user).
+
+    Raised by the file loaders with the file's path first: `PATH: refusing to load global posix.system ...`.
+    """
 
 
 def _dtype(*args: Any, **kwargs: Any) -> np.dtype:
@@ -75,9 +78,12 @@ def restricted_loads(data: bytes, *, encoding: str = "ASCII") -> Any:
 
 
 def restricted_load(path: str | Path, *, encoding: str = "ASCII") -> Any:
-    """`restricted_loads` on a file's contents."""
+    """`restricted_loads` on a file's contents; a refusal names the file."""
     with open(path, "rb") as f:
-        return RestrictedUnpickler(f, encoding=encoding).load()
+        try:
+            return RestrictedUnpickler(f, encoding=encoding).load()
+        except UnsafePickleError as e:
+            raise UnsafePickleError(f"{path}: {e} (nothing from it was run)") from None
 
 
 def load_paddle_state(path: str | Path) -> dict[str, np.ndarray]:

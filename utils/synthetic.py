@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.image import ARCFACE_TEMPLATE, INPUT_SIZE
+from utils.locks import locked_temp_dir, remove_abandoned
 
 # Bump when the renderer changes: it is part of the cache name, so stale caches are never reused.
 GENERATOR_VERSION = 1
@@ -401,24 +401,26 @@ def ensure_synthetic(cache_dir: str | Path, identities: int, images_per_id: int,
                      workers: int = 1) -> Path:
     """The synthetic set's directory under `cache_dir`, generated on first use.
 
-    Generation goes to a private temp dir that is renamed into place, so a reader never sees a half-written set.
-    If several processes (ranks) call this at once, each may generate; the first rename wins and the others
-    discard their identical copy.
+    Generation goes to a private temp dir (locked by its generator) that is renamed into place, so a reader never
+    sees a half-written set. If several processes (ranks) call this at once, each may generate; the first rename
+    wins and the others discard their identical copy. Temp dirs of generators that were killed are removed by the
+    next call (utils/locks.py: only those whose lock is free); a live generator's is never touched.
     """
     final = Path(cache_dir) / cache_name(identities, images_per_id, val_pairs, seed)
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        generate(tmp, identities, images_per_id, val_pairs, seed, workers=workers)
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():  # not a lost race: a real failure
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    remove_abandoned(final)
+    with locked_temp_dir(final) as tmp:
+        try:
+            generate(tmp, identities, images_per_id, val_pairs, seed, workers=workers)
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real failure
+                raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
