@@ -25,6 +25,7 @@ import csv
 import io
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,8 @@ def evaluate_ijb(model, data_dir: str | Path, target: str, batch_size: int = 128
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GLOG_minloglevel", "2")  # before paddle is imported
+    warnings.filterwarnings("ignore", message="No ccache found")  # import paddle's, on every run
     from backbones.cpu import prefer_avx2_mkl
     prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     parser = argparse.ArgumentParser(description="IJB-B/IJB-C 1:1 verification: TAR at FAR 1e-6..1e-1, ROC plot.")
@@ -309,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     existing = [str(p) for p in output_paths(out_dir, args.target).values() if p.exists()]
     if existing and not args.force:
         parser.error(f"{', '.join(existing)} exists; use --force to overwrite")
-    os.environ.setdefault("GLOG_minloglevel", "2")
     from utils.embedder import load_backbone
 
     try:

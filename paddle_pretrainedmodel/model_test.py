@@ -12,12 +12,14 @@ import argparse
 import datetime
 import os
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("GLOG_minloglevel", "2")
+warnings.filterwarnings("ignore", message="No ccache found")  # import paddle's, on every run
 
 from backbones import NETWORKS
 from utils.atomic import write_text_atomic

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -18,6 +20,7 @@ from tools import export, gallery, inference, recognize
 from utils.cli import check_writable, finite_float, positive_int
 from utils.gallery import build_index
 
+ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {"gallery": gallery.main, "inference": inference.main, "recognize": recognize.main, "export": export.main,
          "model_test": model_test.main, "ijb": ijb.main}
 
@@ -154,6 +157,22 @@ def test_code_running_weights_are_one_line(tool, inputs, capsys):
     assert code == 1 and len(lines) == 1, err
     assert f"{evil}: refusing to load global posix.system" in lines[0] and lines[0].startswith("error: ")
     assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("tool", ["model_test", "ijb"])
+def test_code_running_weights_one_line_from_the_shell(tool, inputs):
+    """As a user runs them: a fresh process, where importing paddle would add its own warning lines."""
+    marker = inputs / "pickle_code_ran"
+    evil = inputs / "evil.pdparams"
+    evil.write_bytes(pickle.dumps({"conv1.conv.weight": _RunsCode(marker)}))
+    program = {"model_test": [str(ROOT / "paddle_pretrainedmodel" / "model_test.py")], "ijb": ["-m", "eval.ijb"]}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "GLOG_minloglevel")}
+    args = [str(a) for a in tool_commands(inputs, evil, inputs / "out")[tool]]
+    result = subprocess.run([sys.executable, *program[tool], *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    (line,) = result.stderr.splitlines()
+    assert result.returncode == 1 and line.startswith(f"error: {evil}: refusing to load global posix.system")
+    assert not marker.exists()
 
 
 def test_code_running_bin_set_is_one_line(inputs, capsys):
