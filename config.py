@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "margin_grad": "straight_through",  # straight_through (arcface_torch) | exact
     "interclass_filtering_threshold": 0.0,
     "sample_rate": 1.0,
+    "pfc_backend": "auto",       # Partial FC head: auto (paddle on GPU, numpy on CPU) | numpy | paddle
+    "pfc_kernel": "portable",    # paddle backend: portable | fused (GPU margin_cross_entropy, checked at step 1)
     # optimisation
     "optimizer": "sgd",          # sgd | adamw
     "lr": 0.1,
@@ -78,6 +80,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("arcface", "cosface", "combined"),
     "margin_grad": ("straight_through", "exact"),
     "optimizer": ("sgd", "adamw"),
+    "pfc_backend": ("auto", "numpy", "paddle"),
+    "pfc_kernel": ("portable", "fused"),
 }
 
 _ARCFACE_VAL = ["lfw", "cfp_fp", "agedb_30"]
@@ -217,6 +221,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{key}: must be >= 0, got {cfg[key]}")
     if not 0.0 < cfg.sample_rate <= 1.0:
         raise ConfigError(f"--sample_rate: must be in (0, 1], got {cfg.sample_rate}")
+    if cfg.pfc_kernel == "fused" and cfg.pfc_backend == "numpy":
+        raise ConfigError("--pfc_kernel: fused runs on the paddle backend, not --pfc_backend numpy")
     if cfg.warmup_epoch >= cfg.num_epoch:
         raise ConfigError(f"--warmup_epoch: must be < num_epoch ({cfg.num_epoch}), got {cfg.warmup_epoch}")
     for key in ("num_classes", "num_image"):

@@ -189,6 +189,15 @@ class PartialFC:
         """(local row indices, their accumulated loss gradient [S, D]) on the host, for checks and tests."""
         return self.head.pending_gradient()
 
+    def memory_plan(self, batch_size: int) -> dict[str, int]:
+        """What the head needs on this rank, from the shapes alone (for the training plan line): state bytes per
+        class (weight + optimizer state, float32), the classes sampled per step and the per-step working memory at
+        a local batch of `batch_size`."""
+        batch = batch_size * self.world_size
+        size = sample_size(self.num_local, self.sample_rate, batch)
+        return {"state_bytes_per_class": 4 * self.embedding_size * (1 + len(self.spec.state_names)),
+                "sampled_classes": size, "step_peak_bytes": self.head.workspace_bytes(size, batch)}
+
     # ---------------------------------------------------------------- state I/O
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard: arrays (weight, optimizer state; host NumPy) and the counters needed to resume exactly."""

@@ -34,6 +34,7 @@ from dataset import build_dataloader, build_dataset, dataset_dir, to_model_input
 from eval.callback import VerificationCallback
 from losses import build_margin_loss
 from partial_fc import PartialFC
+from pfc.amp import DynamicLossScale
 from utils import checkpoint as ckpt_io
 from utils.distributed import barrier, cores_per_rank, init_distributed
 from utils.logger import MetricsWriter, StepMeter, format_eta, setup_logger
@@ -144,7 +145,7 @@ def train(cfg: Config) -> int:
         log.info("fine-tuning: backbone initialised from %s, new head", cfg.init_backbone)
     pfc = PartialFC(build_margin_loss(cfg), cfg.embedding_size, cfg.num_classes, sample_rate=cfg.sample_rate,
                     fp16=use_amp, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    seed=cfg.seed)
+                    seed=cfg.seed, backend=cfg.pfc_backend, kernel=cfg.pfc_kernel)
 
     micro_per_epoch = len(loader)
     total_steps = micro_per_epoch * cfg.num_epoch // cfg.gradient_acc
@@ -153,7 +154,7 @@ def train(cfg: Config) -> int:
         raise ConfigError(f"--batch_size {cfg.batch_size}: {len(dataset)} images give no full batch per rank")
     scheduler = PolynomialLRWarmup(cfg.lr, warmup_steps, total_steps)
     optimizer = _build_optimizer(cfg, backbone, scheduler)
-    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16, incr_every_n_steps=100) if use_amp else None
+    scaler = DynamicLossScale() if use_amp else None  # skips on inf/NaN in the backbone's or the head's gradients
 
     step = 0
     if cfg.resume is not None:
@@ -171,12 +172,14 @@ def train(cfg: Config) -> int:
         backbone = paddle.DataParallel(backbone)
 
     samples_per_step = cfg.batch_size * world * cfg.gradient_acc
-    head_states = 1 + (2 if cfg.optimizer == "adamw" else 1)
+    head = pfc.memory_plan(cfg.batch_size)
     local = pfc.num_local
-    log.info("plan: %d classes (%d centres on rank %d, %.1f MB head state per rank: weights + %s), %d images, "
+    log.info("plan: %d classes (%d centres on rank %d, %s head: %d bytes/class of weights + %s = %.1f MB, per-step "
+             "peak ~%.1f MB for %d sampled classes x %d embeddings), %d images, "
              "%d samples per epoch, %d steps of %d samples (%d epochs, %d warm-up steps)",
-             cfg.num_classes, local, rank, local * cfg.embedding_size * 4 * head_states / 2**20,
-             "momentum" if cfg.optimizer == "sgd" else "Adam moments", len(dataset),
+             cfg.num_classes, local, rank, pfc.backend, head["state_bytes_per_class"],
+             "momentum" if cfg.optimizer == "sgd" else "Adam moments", local * head["state_bytes_per_class"] / 2**20,
+             head["step_peak_bytes"] / 2**20, head["sampled_classes"], cfg.batch_size * world, len(dataset),
              micro_per_epoch * cfg.batch_size * world, total_steps, samples_per_step, cfg.num_epoch, warmup_steps)
     if world > 1:  # every rank says what it holds (the launcher's workerlog.N)
         print(f"rank {rank}: {local} centres", flush=True)
@@ -228,7 +231,7 @@ def train(cfg: Config) -> int:
             if math.isfinite(loss_value) or scaler is not None:  # with AMP the scaler skips inf/NaN steps
                 bad_steps = 0
                 loss_sum += loss_value
-                (scaler.scale(loss / cfg.gradient_acc) if scaler else loss / cfg.gradient_acc).backward()
+                (scaler.scale_loss(loss / cfg.gradient_acc) if scaler else loss / cfg.gradient_acc).backward()
             else:
                 bad_steps += 1
                 log.warning("step %d: loss is %s, batch skipped (%d in a row)", step + 1, loss_value, bad_steps)
@@ -239,15 +242,8 @@ def train(cfg: Config) -> int:
                 tick = time.perf_counter()
                 continue
             lr = scheduler()
-            if scaler is not None:  # unscale, skip the step on inf/NaN gradients, adapt the scale
-                scale = float(scaler._scale)
-                scaler.step(optimizer)
-                skipped = bool(scaler._found_inf)
-                scaler.update()
-                if skipped:
-                    pfc.zero_grad()
-                else:
-                    pfc.step(lr, loss_scale=scale)
+            if scaler is not None:  # unscale and step both, or skip both on inf/NaN gradients; adapt the scale
+                scaler.step(optimizer, backbone.parameters(), pfc, lr)
             else:
                 optimizer.step()
                 pfc.step(lr)
@@ -285,7 +281,7 @@ def train(cfg: Config) -> int:
 def _log_step(log: logging.Logger, metrics: MetricsWriter | None, meter: StepMeter, step: int, total: int,
               epoch: float, lr: float, scaler: Any, eta: float) -> None:
     s = meter.summary()
-    scale = float(scaler._scale) if scaler is not None else None
+    scale = scaler.scale if scaler is not None else None
     log.info("step %d/%d epoch %.2f loss %.4f lr %.5f %.1f samples/s data %.3fs step %.3fs ETA %s%s", step, total,
              epoch, s["loss"], lr, s["samples_per_s"], s["data_time"], s["step_time"], format_eta(eta),
              f" amp scale {scale:g}" if scale is not None else "")

@@ -101,6 +101,14 @@ class NumpyHead:
         self.num_updates = num_updates
         self._pending = None
 
+    def workspace_bytes(self, size: int, batch: int) -> int:
+        """Per-step working memory from the shapes (size sampled classes, batch gathered embeddings): the gathered
+        rows, the two [S, N] matrices and the filter mask, the embeddings, each thread's update blocks."""
+        d, states = self.embedding_size, len(self.opt_state)
+        rows = size * d if size < self.num_local else 0
+        return 4 * (rows + 2 * size * batch + 2 * batch * d) + size * batch + 4 * self.threads * _BLOCK * d * (
+            states + 2)
+
     def grads_finite(self) -> paddle.Tensor:
         """Whether the pending head gradient is finite (a bool tensor, as the paddle backend's)."""
         return paddle.to_tensor(self._pending is None or bool(self._finite(self._pending)))

@@ -160,6 +160,17 @@ class PaddleHead:
     def zero_grad(self) -> None:
         self._pending = []
 
+    def workspace_bytes(self, size: int, batch: int) -> int:
+        """Per-step device memory from the shapes (size sampled classes, batch gathered embeddings), the larger of
+        forward + backward (gathered rows, embeddings, five [N, S] matrices alive at once: cosines, exponentials,
+        probabilities, gradient, scaled gradient) and step (the summed gradient and, per array, the gathered old
+        rows, the new rows and the guarded copy)."""
+        d, states = self.spec.embedding_size, len(self.opt_state)
+        rows = size * d if size < self.spec.num_local else 0
+        passes = 4 * (rows + 2 * batch * d + 5 * batch * size) + batch * size
+        step = 4 * (rows + batch * size + size * d * (1 + 3 * (1 + states)))
+        return max(passes, step)
+
     def grads_finite(self) -> paddle.Tensor:
         """Whether the pending head gradient is finite: a bool tensor on the device (nothing is read)."""
         checks = [paddle.isfinite(p.gradient()).all() for p in self._pending]
