@@ -9,7 +9,7 @@ any other detector with --landmarks / --faces.
 A face with landmarks is aligned to the ArcFace template; a box alone is cropped square around its centre (a Haar
 box enlarged 1.2x first) and resized, as the Paddle seed projects' demo does without alignment. An image that is
 itself a face crop can be embedded whole (`--detect none`): the Haar cascade often misses a face that fills the
-image, and says so.
+image, and the "no face found" error of an image shaped like a crop says so and offers that path.
 """
 
 from __future__ import annotations
