@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_writable(output)
     except OSError as e:
-        parser.exit(1, f"error: {e}\n")
+        parser.exit(1, f"error: {e}{'' if args.output else '; choose another results file with --output'}\n")
     if not args.weights.is_file():
         parser.exit(1, f"error: weights {args.weights} not found\n")
     if not args.data.is_dir():

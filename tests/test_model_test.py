@@ -132,3 +132,18 @@ def test_code_running_weights_are_refused(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "evil.pdparams").write_bytes(pickle.dumps({"conv1.weight": _RunsCode()}))
     code, _, err = run(capsys, "--network", "mbf", "--weights", tmp_path / "evil.pdparams", "--data", tmp_path)
     assert code == 1 and "refusing to load global builtins.exec" in err
+
+
+def test_read_only_weights_folder_points_to_output(tiny_weights: Path, tmp_path: Path, monkeypatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    import paddle_pretrainedmodel.model_test as tool
+
+    def read_only(path, **kwargs):  # what a weights folder on a read-only mount gives (root writes anywhere else)
+        raise PermissionError(f"{path}: cannot be written ({path.parent}: Read-only file system)")
+
+    monkeypatch.setattr(tool, "check_writable", read_only)
+    write_set(tmp_path / "lfw.bin", *make_pairs())
+    code, _, err = run(capsys, "--network", "mbf", "--weights", tiny_weights, "--data", tmp_path)
+    assert code == 1 and err == (f"error: {tiny_weights.with_name('results.txt')}: cannot be written "
+                                 f"({tiny_weights.parent}: Read-only file system); choose another results file "
+                                 "with --output\n")
