@@ -230,6 +230,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{key}: must be > 0 or none, got {cfg[key]}")
     if cfg.resume is not None and cfg.init_backbone is not None:
         raise ConfigError("--init_backbone: starts a new run and cannot be combined with --resume")
+    for key in ("data", "output", "cache_dir"):  # an unset shell variable would mean the current directory
+        if not str(cfg[key]).strip():
+            raise ConfigError(f"--{key}: empty (an unset shell variable?)")
+    name = cfg.run_name
+    if name is None or not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
+        raise ConfigError(f"--run_name: must name one directory inside --output (no '/', not '.' or '..'), "
+                          f"got {name!r}")
 
 
 def load_config(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> Config:

@@ -4,9 +4,12 @@
     python train.py --config ms1mv3_r50 --data /data/ms1m-retinaface-t1
     python -m paddle.distributed.launch --nproc_per_node 8 train.py --config glint360k_r100 --data DIR
     python train.py --config ms1mv3_r50 --resume      # continue work_dirs/ms1mv3_r50 from its latest checkpoint
+    python train.py --config ms1mv3_r50 --resume work_dirs/ms1mv3_r50/checkpoints/step_0004000 --run_name branch
+                                                      # a new run (work_dirs/branch) from another run's checkpoint
 
 Every config key can be overridden (`--KEY VALUE`, see `python train.py --help` and config.py). User mistakes
-(missing dataset, bad key, mismatching checkpoint) end with one `train.py: error: ...` line and a non-zero exit.
+(missing dataset, bad key, mismatching checkpoint) end with one `train.py: error: ...` line and a non-zero exit;
+Ctrl-C ends with one line and status 130. A run holds its directory locked: a second run into it is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from partial_fc import PartialFC
 from pfc.amp import DynamicLossScale
 from utils import checkpoint as ckpt_io
 from utils.distributed import barrier, cores_per_rank, init_distributed
+from utils.interrupt import sigint_noted
+from utils.locks import hold_run_dir
 from utils.logger import MetricsWriter, StepMeter, format_eta, setup_logger
 from utils.lr_scheduler import PolynomialLRWarmup
 
@@ -46,19 +51,24 @@ class TrainingError(RuntimeError):
 
 
 def _run_dir(cfg: Config) -> Path:
-    """The run directory, and for `--resume PATH` the run that PATH belongs to."""
-    if cfg.resume not in (None, ckpt_io.LATEST):
-        ckpt = ckpt_io.resolve_checkpoint(cfg.resume, Path(cfg.output) / cfg.run_name)
-        if ckpt.parent.name == ckpt_io.CHECKPOINTS:
-            return ckpt.parent.parent
+    """`output/run_name`, always: `--resume PATH` says where training starts from, never where it writes.
+
+    A checkpoint of another run seeds a new run here; the run it came from is only read.
+    """
     return Path(cfg.output) / cfg.run_name
 
 
 def _prepare_run_dir(run_dir: Path, cfg: Config, rank: int, world: int) -> None:
     if rank == 0:
-        if cfg.resume is None and any((run_dir / ckpt_io.CHECKPOINTS).glob("step_*")):
+        has_checkpoints = any((run_dir / ckpt_io.CHECKPOINTS).glob("step_*"))
+        if cfg.resume is None and has_checkpoints:
             raise ConfigError(f"{run_dir} already holds checkpoints: add --resume to continue that run, "
                               f"or --run_name NAME to start another")
+        if cfg.resume is not None and has_checkpoints:
+            ckpt = ckpt_io.resolve_checkpoint(cfg.resume, run_dir)
+            if not ckpt.resolve().is_relative_to(run_dir.resolve()):
+                raise ConfigError(f"--resume {cfg.resume}: a checkpoint of another run, and {run_dir} holds "
+                                  f"checkpoints of its own; give a new --run_name to start a run from it")
         (run_dir / ckpt_io.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_stale(run_dir)
     barrier(world)
@@ -113,7 +123,13 @@ def _last_checkpoint(run_dir: Path) -> str:
 
 
 def train(cfg: Config) -> int:
+    """Train in `output/run_name`; rank 0 holds the directory locked until the run ends (or dies)."""
     rank, world = init_distributed()
+    with hold_run_dir(_run_dir(cfg)) if rank == 0 else nullcontext():
+        return _train(cfg, rank, world)
+
+
+def _train(cfg: Config, rank: int, world: int) -> int:
     paddle.base.core.set_num_threads(cfg.threads or cores_per_rank())
     # The cores belong to Paddle's kernels; and an OpenCV thread pool alive in this process when DataLoader workers
     # fork deadlocks them (its condition variables are copied mid-wait), so OpenCV stays single-threaded here.
@@ -122,7 +138,6 @@ def train(cfg: Config) -> int:
     paddle.set_device("gpu" if on_gpu else "cpu")
 
     run_dir = _run_dir(cfg)
-    cfg.output, cfg.run_name = str(run_dir.parent), run_dir.name
     _prepare_run_dir(run_dir, cfg, rank, world)
     log = setup_logger(run_dir, rank)
     log.info("run directory %s (rank %d of %d, %s, %d threads)", run_dir, rank, world, "GPU" if on_gpu else "CPU",
@@ -295,11 +310,18 @@ def _log_step(log: logging.Logger, metrics: MetricsWriter | None, meter: StepMet
 def main(argv: list[str] | None = None) -> int:
     prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
     cfg = parse_args(argv)
-    try:
-        return train(cfg)
-    except (ValueError, OSError, TrainingError) as e:  # user mistakes (ConfigError is a ValueError): one line
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
+    with sigint_noted() as interrupted:
+        try:
+            return train(cfg)
+        except BaseException as e:
+            if interrupted():  # whatever Paddle turned the KeyboardInterrupt into (utils/interrupt.py)
+                print("train.py: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+                return 130
+            if not isinstance(e, (ValueError, OSError, TrainingError)):
+                raise
+            # user mistakes (ConfigError and UnsafePickleError are ValueErrors; OSErrors name their file): one line
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ takes a few seconds.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,7 +201,10 @@ def test_fresh_start_over_an_existing_run_is_refused(cache_dir: Path, straight_r
 
 def test_cli_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     for args, message in [(["--config", "nope"], "--config: unknown preset 'nope'"),
-                          (["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1")]:
+                          (["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1"),
+                          (["--data", ""], "--data: empty"),  # an unset shell variable: not the current directory
+                          (["--run_name", ""], "--run_name: must name one directory inside --output"),
+                          (["--run_name", "../x"], "--run_name: must name one directory inside --output")]:
         with pytest.raises(SystemExit) as exc:
             train.main(args)
         err = capsys.readouterr().err
@@ -242,3 +248,93 @@ def test_plot_metrics(straight_run: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "tools.plot_metrics", str(bad)], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "metrics.jsonl:2: not a metrics record" in proc.stderr
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[str, int]]:
+    """Every file of a run: content hash and modification time."""
+    return {str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resume_from_another_runs_checkpoint_starts_a_new_run_and_leaves_that_run_alone(
+        cache_dir: Path, straight_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume OTHER/checkpoints/step_N --run_name NEW: NEW continues exactly from step N; OTHER is only read."""
+    before = _snapshot(straight_run)
+    source = straight_run / "checkpoints" / "step_0000010"
+    assert train.main(tiny_args(cache_dir, tmp_path, "branch", "--resume", str(source), "--stop_at_step", "12")) == 0
+    assert _snapshot(straight_run) == before
+    branch = tmp_path / "branch"
+    assert (branch / "checkpoints" / LATEST).read_text().strip() == "step_0000012"
+    assert json.loads((branch / "config.json").read_text())["run_name"] == "branch"
+    expected, got = losses(straight_run), losses(branch)
+    assert sorted(got) == [11, 12] and [got[11], got[12]] == pytest.approx([expected[11], expected[12]], abs=1e-6)
+    # a run directory that has checkpoints of its own is not mixed with another run's history
+    assert train.main(tiny_args(cache_dir, tmp_path, "branch", "--resume", str(source))) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a checkpoint of another run, and" in err and "give a new --run_name" in err, err
+    assert _snapshot(straight_run) == before
+
+
+def test_a_second_training_into_a_run_in_use_is_refused(cache_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The run directory is locked while a run uses it; the lock dies with the process (SIGKILL leaves none)."""
+    args = tiny_args(cache_dir, tmp_path, "busy", "--num_epoch", "400")
+    first = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stdout:  # training has started
+            if " step 1/" in line:
+                break
+        assert train.main(tiny_args(cache_dir, tmp_path, "busy", "--stop_at_step", "1")) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"busy is in use by another training run (pid {first.pid})" in err, err
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert train.main(tiny_args(cache_dir, tmp_path, "busy", "--stop_at_step", "1")) == 0
+
+
+def test_a_code_running_checkpoint_is_refused_in_one_line_naming_the_file(
+        cache_dir: Path, straight_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self) -> tuple:
+            return os.system, (f"touch {marker}",)
+
+    ckpt = tmp_path / "evil" / "checkpoints" / "step_0000010"
+    shutil.copytree(straight_run / "checkpoints" / "step_0000010", ckpt)
+    (ckpt / "backbone.pdparams").write_bytes(pickle.dumps({"conv1.weight": RunsCode()}))
+    assert train.main(tiny_args(cache_dir, tmp_path, "evil", "--resume", str(ckpt))) == 1
+    err = capsys.readouterr().err
+    assert err == (f"train.py: error: {ckpt / 'backbone.pdparams'}: refusing to load global posix.system: "
+                   f"not a plain data pickle (nothing from it was run)\n"), err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("delay", "workers"), [(0.0, 0), (0.2, 2), (0.4, 0)])
+def test_ctrl_c_ends_training_with_one_line_and_status_130(cache_dir: Path, tmp_path: Path, delay: float,
+                                                            workers: int) -> None:
+    """Ctrl-C (SIGINT to the process group, loader workers included) at several moments of a step: one line.
+
+    Without care, a KeyboardInterrupt raised inside the NumPy PReLU's backward (a PyLayer) reaches Python as
+    Paddle's OSError "(External) ..." and printed as a training error.
+    """
+    args = tiny_args(cache_dir, tmp_path, "ctrl_c", "--num_epoch", "400", "--num_workers", str(workers))
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if " step 2/" in line:
+                break
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    last = err.strip().splitlines()[-1]  # after the synthetic set's progress bar, when this test generated it
+    assert proc.returncode == 130 and last == "train.py: interrupted; --resume continues from the last checkpoint", err
+    assert "Traceback" not in err and "External" not in err, err
