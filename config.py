@@ -18,10 +18,11 @@ from typing import Any
 
 DEFAULTS: dict[str, Any] = {
     # model
-    "network": "mbf",            # r18 r34 r50 r100 r200 mbf mbf_large
+    "network": "mbf",            # r18 r34 r50 r100 r200 r2060 mbf mbf_large vit_t ... vit_h (CHOICES)
     "width": 1.0,                # channel-width multiplier (1.0 = arcface_torch's architecture)
     "embedding_size": 512,
     "dropout": 0.0,
+    "recompute": False,          # activation recompute over ViT blocks / iresnet stage segments (less memory)
     "fp16": False,               # AMP fp16 with dynamic loss scaling (GPU only; ignored with a note on CPU)
     # loss / head
     "loss": "arcface",           # arcface | cosface | combined
@@ -76,7 +77,8 @@ _NONE_TYPES: dict[str, type] = {"num_classes": int, "num_image": int, "run_name"
                                 "init_backbone": str}
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "network": ("r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large"),
+    "network": ("r18", "r34", "r50", "r100", "r200", "r2060", "mbf", "mbf_large", "vit_t", "vit_t_dp005_mask0",
+                "vit_s", "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h"),
     "loss": ("arcface", "cosface", "combined"),
     "margin_grad": ("straight_through", "exact"),
     "optimizer": ("sgd", "adamw"),
@@ -88,6 +90,13 @@ _ARCFACE_VAL = ["lfw", "cfp_fp", "agedb_30"]
 _MS1MV2 = {"data": "datasets/faces_emore", "num_classes": 85742, "num_image": 5822653}
 _MS1MV3 = {"data": "datasets/ms1m-retinaface-t1", "num_classes": 93431, "num_image": 5179510}
 _GLINT360K = {"data": "datasets/glint360k", "num_classes": 360232, "num_image": 17091657}
+_WF4M = {"data": "datasets/WebFace4M", "num_classes": 205990, "num_image": 4235242}
+_WF12M = {"data": "datasets/WebFace12M", "num_classes": 617970, "num_image": 12720066}
+_WF42M = {"data": "datasets/WebFace42M", "num_classes": 2059906, "num_image": 42474557}
+_COSFACE = {"loss": "cosface", "margin_m1": 1.0, "margin_m2": 0.0, "margin_m3": 0.4}
+# arcface_torch's WebFace42M ViT recipes: AdamW, lr 1e-3 with num_epoch // 10 warm-up epochs, Partial FC 0.3.
+_VIT_WF42M = {**_WF42M, **_COSFACE, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "sample_rate": 0.3,
+              "num_epoch": 40, "warmup_epoch": 4, "val_targets": []}
 # arcface_torch's published recipes (configs/*.py; its lr is for 8 GPUs x 128): fp16 on, SGD, no warm-up.
 _ARCFACE_TORCH = {"fp16": True, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "num_epoch": 20, "warmup_epoch": 0,
                   "sample_rate": 1.0, "embedding_size": 512, "val_targets": _ARCFACE_VAL, "val_every": 2000,
@@ -106,6 +115,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "num_epoch": 40},
     "glint360k_r100": {**_ARCFACE_TORCH, **_GLINT360K, "network": "r100", "loss": "cosface", "margin_m1": 1.0,
                        "margin_m2": 0.0, "margin_m3": 0.4, "weight_decay": 1e-4},
+    "glint360k_r50": {**_ARCFACE_TORCH, **_GLINT360K, **_COSFACE, "network": "r50", "weight_decay": 1e-4},
+    "glint360k_mbf": {**_ARCFACE_TORCH, **_GLINT360K, **_COSFACE, "network": "mbf", "weight_decay": 1e-4},
+    "wf4m_r50": {**_ARCFACE_TORCH, **_WF4M, **_COSFACE, "network": "r50", "weight_decay": 5e-4},
+    "wf12m_r50": {**_ARCFACE_TORCH, **_WF12M, **_COSFACE, "network": "r50", "weight_decay": 5e-4, "val_targets": []},
+    "wf42m_pfc02_r100": {**_ARCFACE_TORCH, **_WF42M, **_COSFACE, "network": "r100", "weight_decay": 5e-4,
+                         "sample_rate": 0.2, "val_every": 10000},
+    "wf42m_pfc03_40epoch_8gpu_vit_t": {**_ARCFACE_TORCH, **_VIT_WF42M, "network": "vit_t_dp005_mask0",
+                                       "batch_size": 512},
+    # arcface_torch always checkpoints vit_b's blocks: recompute on
+    "wf42m_pfc03_40epoch_64gpu_vit_b": {**_ARCFACE_TORCH, **_VIT_WF42M, "network": "vit_b_dp005_mask_005",
+                                        "batch_size": 384, "recompute": True},
 }
 DEFAULT_PRESET = "synthetic"
 

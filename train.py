@@ -154,7 +154,7 @@ def _train(cfg: Config, rank: int, world: int) -> int:
         log.info("note: fp16 is ignored on CPU (Paddle has no fp16/bf16 CPU kernels for conv/bn: AMP would do "
                  "nothing); training in fp32")
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, fp16=use_amp, dropout=cfg.dropout,
-                         width=cfg.width)
+                         width=cfg.width, recompute=cfg.recompute)
     if cfg.init_backbone:
         load_weights(backbone, cfg.init_backbone, f"{cfg.network} (width {cfg.width}, embedding {cfg.embedding_size})")
         log.info("fine-tuning: backbone initialised from %s, new head", cfg.init_backbone)

@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in networks if n not in NETWORKS]
     if unknown:
         parser.error(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(NETWORKS)}")
-    print(f"{'network':<10}{'width':>6}{'params':>14}{'GMACs@112':>11}")
+    column = max(len(n) for n in ("network", *networks)) + 2
+    print(f"{'network':<{column}}{'width':>6}{'params':>15}{'GMACs@112':>11}", flush=True)
     for row in summary(networks, args.width):
-        print(f"{row['network']:<10}{row['width']:>6.2f}{row['params']:>14,}{row['gmacs']:>11.3f}")
+        print(f"{row['network']:<{column}}{row['width']:>6.2f}{row['params']:>15,}{row['gmacs']:>11.3f}", flush=True)
 
 
 if __name__ == "__main__":

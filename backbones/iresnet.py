@@ -11,9 +11,10 @@ import paddle
 from paddle import nn
 
 from .layers import PReLU, batch_norm_1d, batch_norm_2d, normal_attr, scaled_channels, torch_linear
+from .recompute import run_stage_checkpointed
 
 STAGE_BLOCKS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3),
-                "r200": (6, 26, 60, 6)}
+                "r200": (6, 26, 60, 6), "r2060": (3, 128, 896, 3)}
 FEATURE_MAP = 7  # 112 / 2**4
 
 
@@ -44,9 +45,10 @@ class IBasicBlock(nn.Layer):
 
 class IResNet(nn.Layer):
     def __init__(self, blocks: tuple[int, ...], num_features: int = 512, dropout: float = 0.0,
-                 fp16: bool = False, width: float = 1.0):
+                 fp16: bool = False, width: float = 1.0, recompute: bool = False):
         super().__init__()
         self.fp16 = fp16
+        self.recompute = recompute  # training keeps only segment inputs (backbones/recompute.py)
         planes = [scaled_channels(c, width) for c in (64, 128, 256, 512)]
         self.conv1 = _conv(3, planes[0], 3)
         self.bn1 = batch_norm_2d(planes[0])
@@ -66,7 +68,8 @@ class IResNet(nn.Layer):
         # The body may run in fp16 (GPU AMP); the embedding layers always run in fp32, as in arcface_torch.
         with paddle.amp.auto_cast(enable=self.fp16):
             x = self.prelu(self.bn1(self.conv1(x)))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+                x = run_stage_checkpointed(stage, x) if self.recompute and self.training else stage(x)
             x = self.dropout(paddle.flatten(self.bn2(x), 1))
         return self.features(self.fc(x.astype("float32")))
 

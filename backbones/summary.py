@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import paddle
 from paddle import nn
 
 from . import NETWORKS, get_model
+from .vit import Attention
 
 _RUNNING_STATS = ("._mean", "._variance")  # BatchNorm buffers: Paddle keeps them as parameters, torch does not
 
@@ -18,7 +20,10 @@ def count_parameters(model: nn.Layer) -> int:
 
 
 def count_macs(model: nn.Layer, size: int = 112) -> int:
-    """Multiply-accumulates of the convolutions and linear layers for one size x size image."""
+    """Multiply-accumulates of the convolutions, linear layers and attention matmuls for one size x size image.
+
+    Attention's q @ k^T and attn @ v are counted like arcface_torch's `extra_gflops` (2 * tokens^2 * dim per block).
+    """
     macs = 0
 
     def conv_hook(layer: nn.Conv2D, inputs: tuple, output: paddle.Tensor) -> None:
@@ -28,10 +33,15 @@ def count_macs(model: nn.Layer, size: int = 112) -> int:
 
     def linear_hook(layer: nn.Linear, inputs: tuple, output: paddle.Tensor) -> None:
         nonlocal macs
-        macs += math.prod(layer.weight.shape)
+        macs += math.prod(layer.weight.shape) * math.prod(output.shape[1:-1])  # per token for a ViT's [B, N, D]
 
-    hooks = [layer.register_forward_post_hook(conv_hook if isinstance(layer, nn.Conv2D) else linear_hook)
-             for layer in model.sublayers() if isinstance(layer, nn.Conv2D | nn.Linear)]
+    def attention_hook(layer: Attention, inputs: tuple, output: paddle.Tensor) -> None:
+        nonlocal macs
+        macs += Attention.matmul_macs(*inputs[0].shape[1:])
+
+    kinds = ((nn.Conv2D, conv_hook), (nn.Linear, linear_hook), (Attention, attention_hook))
+    hooks = [layer.register_forward_post_hook(hook) for layer in model.sublayers() for kind, hook in kinds
+             if isinstance(layer, kind)]
     model.eval()
     with paddle.no_grad():
         model(paddle.zeros([1, 3, size, size]))
@@ -40,11 +50,9 @@ def count_macs(model: nn.Layer, size: int = 112) -> int:
     return macs
 
 
-def summary(networks: tuple[str, ...] = NETWORKS, width: float = 1.0) -> list[dict]:
-    rows = []
+def summary(networks: tuple[str, ...] = NETWORKS, width: float = 1.0) -> Iterator[dict]:
+    """One row per network, as each is measured (r2060 and vit_h take a while)."""
     for name in networks:
         model = get_model(name, width=width)
-        rows.append({"network": name, "width": width, "params": count_parameters(model),
-                     "gmacs": count_macs(model) / 1e9})
+        yield {"network": name, "width": width, "params": count_parameters(model), "gmacs": count_macs(model) / 1e9}
         del model
-    return rows

@@ -36,13 +36,14 @@ class ConversionError(ValueError):
     """The torch weights do not describe the requested network."""
 
 
-def paddle_layout(network: str) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+def paddle_layout(network: str, **model_kwargs: Any) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """(name -> shape of every entry of the Paddle model's state_dict, names of Linear weights).
 
-    Built under paddle.LazyGuard, so even r200 allocates no parameter memory.
+    Built under paddle.LazyGuard, so even r2060 allocates no parameter memory. `model_kwargs` go to get_model
+    (num_features, width: the small models of tests).
     """
     with paddle.LazyGuard():
-        model = get_model(network)
+        model = get_model(network, **model_kwargs)
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
     linear = {f"{name}.weight" for name, layer in model.named_sublayers() if isinstance(layer, nn.Linear)}
     return shapes, linear
@@ -67,7 +68,7 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{len(items)} {title}: {', '.join(items[:_SHOWN])}{more}"
 
 
-def convert_state_dict(torch_sd: Mapping[str, Any], network: str) -> dict[str, np.ndarray]:
+def convert_state_dict(torch_sd: Mapping[str, Any], network: str, **model_kwargs: Any) -> dict[str, np.ndarray]:
     """Map an arcface_torch state_dict (tensors or arrays) to Paddle names/layouts; float32 arrays.
 
     Raises ConversionError listing missing, unexpected and shape-mismatched keys if the weights are not
@@ -75,7 +76,7 @@ def convert_state_dict(torch_sd: Mapping[str, Any], network: str) -> dict[str, n
     """
     if network not in NETWORKS:
         raise ConversionError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
-    shapes, linear = paddle_layout(network)
+    shapes, linear = paddle_layout(network, **model_kwargs)
     converted: dict[str, np.ndarray] = {}
     seen: set[str] = set()
     unexpected, mismatched = [], []
