@@ -116,15 +116,16 @@ class Project:
 
 
 class Reference:
-    """The float64 PyTorch reference, loaded from the same float32 state before every step."""
+    """The PyTorch reference in float64 (or float32, to see what float32 alone gives), loaded before every step."""
 
-    def __init__(self, network: str, state: State) -> None:
-        self.model = get_scaled_model(network, EMBEDDING, WIDTH).double()
-        self.trainer = ReferenceTrainer(self.model, torch.from_numpy(state.centres.astype(np.float64)), LR,
+    def __init__(self, network: str, state: State, dtype: type = np.float64) -> None:
+        self.dtype = dtype
+        self.model = get_scaled_model(network, EMBEDDING, WIDTH).to(torch.from_numpy(np.zeros(0, dtype)).dtype)
+        self.trainer = ReferenceTrainer(self.model, torch.from_numpy(state.centres.astype(dtype)), LR,
                                         WEIGHT_DECAY, 0, TOTAL_STEPS)
 
     def load(self, state: State) -> None:
-        wide = state.astype(np.float64)
+        wide = state.astype(self.dtype)
         self.model.load_state_dict({k: torch.from_numpy(v) for k, v in wide.backbone.items()}, strict=False)
         with torch.no_grad():
             self.trainer.centres.copy_(torch.from_numpy(wide.centres))
@@ -169,11 +170,13 @@ def update_errors(before: State, project: State, reference: State) -> tuple[dict
     return errors, one_sided
 
 
-def forced_steps(network: str) -> list[dict]:
-    """STEPS forced steps; per step the per-tensor errors, one-sided movers, both losses and both learning rates."""
+def forced_steps(network: str, float32_reference: bool = False) -> list[dict]:
+    """STEPS forced steps; per step the per-tensor errors, one-sided movers, both losses and both learning rates
+    (and the errors of a float32 run of the reference, if asked)."""
     paddle.seed(0)
     state = initial_state(network)
     project, reference = Project(network), Reference(network, state)
+    reference32 = Reference(network, state, np.float32) if float32_reference else None
     rng = np.random.default_rng(11)
     results = []
     for _ in range(STEPS):
@@ -186,6 +189,10 @@ def forced_steps(network: str) -> list[dict]:
         after = reference.state()
         errors, one_sided = update_errors(state, project.state(), after)
         results.append({"errors": errors, "one_sided": one_sided, "loss": (loss, ref_loss), "lr": (lr, ref_lr)})
+        if reference32 is not None:
+            reference32.load(state)
+            reference32.step(images, labels)
+            results[-1]["float32 errors"] = update_errors(state, reference32.state(), after)[0]
         state = after.astype(np.float32)
     return results
 
@@ -220,3 +227,20 @@ def test_every_trainable_tensor_gets_a_gradient(network: str) -> None:
     assert frozen == ({"features.weight"} if network.startswith("r") else set())
     silent = [n for n, p in weights.items() if n not in frozen and (p.grad is None or not np.any(p.grad.numpy()))]
     assert not silent, f"trainable but no gradient: {silent}"
+
+
+def _print_figures() -> None:
+    """python -m tests.test_train_parity: the per-step figures quoted in docs/training.md."""
+    for network in ("r18", "mbf"):
+        for step, result in enumerate(forced_steps(network, float32_reference=True), start=1):
+            line = [f"{network} step {step}: lr {result['lr'][0]:.4f} / {result['lr'][1]:.4f}",
+                    f"loss {result['loss'][0]:.6f} / {result['loss'][1]:.6f}"]
+            for label, errors in (("project", result["errors"]), ("torch float32", result["float32 errors"])):
+                worst = max(errors, key=errors.get)
+                line.append(f"{label}: median {np.median(list(errors.values())):.1e}, "
+                            f"worst {errors[worst]:.1e} ({worst})")
+            print("; ".join(line))
+
+
+if __name__ == "__main__":
+    _print_figures()
