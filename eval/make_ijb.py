@@ -15,7 +15,6 @@ import itertools
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
@@ -24,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import cv2
 import numpy as np
 
+from utils.atomic import temp_dir_beside
 from utils.synthetic import render_face, sample_identity
 
 JPEG_QUALITY = 95
@@ -58,7 +58,7 @@ def generate(out_dir: str | Path, target: str = "IJBC", identities: int = 8, tem
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     name = target.lower()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)  # its mode comes from the umask (mkdtemp: 0700)
     try:
         (tmp / "meta").mkdir()
         (tmp / "loose_crop").mkdir()

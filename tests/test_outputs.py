@@ -38,6 +38,15 @@ def test_atomic_files_and_temp_dirs_take_their_mode_from_the_umask(umask: int, t
     assert _mode(out) == 0o666 & ~umask
     with locks.locked_temp_dir(tmp_path / "set") as tmp:
         assert _mode(tmp) == 0o777 & ~umask
+    assert _mode(atomic.temp_dir_beside(tmp_path / "export")) == 0o777 & ~umask  # exports, IJB sets
+
+
+def test_data_tools_outputs_take_their_mode_from_the_umask(umask: int, tmp_path: Path) -> None:
+    from tools._data import staged_dir  # rec2images, bin_tool, images2rec outputs
+
+    with staged_dir(tmp_path / "images") as tmp:
+        (tmp / "0.jpg").write_bytes(b"x")
+    assert _mode(tmp_path / "images") == 0o777 & ~umask and _mode(tmp_path / "images" / "0.jpg") == 0o666 & ~umask
 
 
 def test_synthetic_cache_takes_its_mode_from_the_umask(umask: int, tmp_path: Path) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from utils.atomic import temp_dir_beside
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # dataset imports paddle
 warnings.filterwarnings("ignore", message="No ccache found")
@@ -53,7 +54,7 @@ def image_suffix(payload: bytes) -> str:
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success it replaces `final`, on error it is removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = temp_dir_beside(final)  # its mode comes from the umask (mkdtemp: 0700)
     try:
         yield tmp
         if final.exists():

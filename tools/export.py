@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message="No ccache found")
 
 import numpy as np
 
+from utils.atomic import temp_dir_beside
 from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
 from utils.embedder import (
     META_NAME,
@@ -124,7 +125,7 @@ def export(network: str, weights: Path, output: Path, formats: tuple[str, ...], 
     check_writable(output.parent, folder=True)  # the export is built beside `output`, then renamed
     model = load_backbone(network, weights, width, embedding_size)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = temp_dir_beside(output)  # its mode comes from the umask (mkdtemp: 0700)
     try:
         meta = {
             "network": network, "width": width, "embedding_size": embedding_size,

@@ -46,6 +46,21 @@ def _new_temp_file(path: Path) -> Path:
             raise with_path(e, path) from e
 
 
+def temp_dir_beside(path: str | Path) -> Path:
+    """A new empty directory beside `path` (`.NAME.XXXX.tmp`) to build it in, then rename; its mode is 0777 minus
+    the umask (tempfile.mkdtemp makes 0700, and the rename would keep that)."""
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise with_path(e, path) from e
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; write the file there.
