@@ -24,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "dropout": 0.0,
     "recompute": False,          # activation recompute over ViT blocks / iresnet stage segments (less memory)
     "fp16": False,               # AMP fp16 with dynamic loss scaling (GPU only; ignored with a note on CPU)
+    "to_static": False,          # compile the backbone's forward with paddle.jit.to_static (same gradients)
+    "data_format": "NCHW",       # NCHW | NHWC activations (NHWC: channels-last, same parameters, NCHW input)
     # loss / head
     "loss": "arcface",           # arcface | cosface | combined
     "margin_s": 64.0,
@@ -84,6 +86,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adamw"),
     "pfc_backend": ("auto", "numpy", "paddle"),
     "pfc_kernel": ("portable", "fused"),
+    "data_format": ("NCHW", "NHWC"),
 }
 
 _ARCFACE_VAL = ["lfw", "cfp_fp", "agedb_30"]

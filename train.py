@@ -26,6 +26,7 @@ from typing import Any
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time note about C++ extensions
+warnings.filterwarnings("ignore", message="Tensor do not have 'place'")  # to_static's own backward builder
 
 import cv2
 import paddle
@@ -105,6 +106,17 @@ def _build_optimizer(cfg: Config, backbone: paddle.nn.Layer, scheduler: Polynomi
                                   weight_decay=cfg.weight_decay, grad_clip=clip)
 
 
+def _compile(backbone: paddle.nn.Layer, on_gpu: bool) -> paddle.nn.Layer:
+    """`--to_static`: the backbone's forward as one static graph (the state dict is unchanged).
+
+    On CPU, oneDNN must stay off: with FLAGS_use_mkldnn a to_static graph trains wrongly (the loss stalls).
+    """
+    if not on_gpu and paddle.get_flags(["FLAGS_use_mkldnn"])["FLAGS_use_mkldnn"]:
+        raise ConfigError("--to_static: FLAGS_use_mkldnn is on, and Paddle's oneDNN kernels train a static graph "
+                          "wrongly on CPU; unset FLAGS_use_mkldnn or train with --to_static false")
+    return paddle.jit.to_static(backbone, full_graph=True)
+
+
 def _epoch_progress(loader: Any) -> float:
     """Epochs done so far, from the sampler's position (right across a change of world size)."""
     state = loader.batch_sampler.state_dict()
@@ -154,7 +166,7 @@ def _train(cfg: Config, rank: int, world: int) -> int:
         log.info("note: fp16 is ignored on CPU (Paddle has no fp16/bf16 CPU kernels for conv/bn: AMP would do "
                  "nothing); training in fp32")
     backbone = get_model(cfg.network, num_features=cfg.embedding_size, fp16=use_amp, dropout=cfg.dropout,
-                         width=cfg.width, recompute=cfg.recompute)
+                         width=cfg.width, data_format=cfg.data_format, recompute=cfg.recompute)
     if cfg.init_backbone:
         load_weights(backbone, cfg.init_backbone, f"{cfg.network} (width {cfg.width}, embedding {cfg.embedding_size})")
         log.info("fine-tuning: backbone initialised from %s, new head", cfg.init_backbone)
@@ -183,6 +195,8 @@ def _train(cfg: Config, rank: int, world: int) -> int:
         log.info("resumed from %s: step %d, epoch %.2f%s", ckpt, step, state["epoch"],
                  f" (saved with {state['world_size']} ranks: centres re-sharded)" if state["world_size"] != world
                  else "")
+    if cfg.to_static:
+        backbone = _compile(backbone, on_gpu)
     if world > 1:
         backbone = paddle.DataParallel(backbone)
 

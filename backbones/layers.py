@@ -57,10 +57,14 @@ class _TorchRunningVar:
         previous = self._variance.detach().clone()
         out = nn.functional.batch_norm(x, self._mean, self._variance, self._gamma(), self.bias, training=True,
                                        momentum=self._momentum, epsilon=self._epsilon, data_format=self._data_format)
-        n = x.size // x.shape[1]
+        n = math.prod(x.shape) // self._mean.shape[0]  # values per channel, in NCHW and NHWC alike
         with paddle.no_grad():
             keep = self._momentum
-            self._variance.set_value(keep * previous + (self._variance - keep * previous) * (n / max(n - 1, 1)))
+            unbiased = keep * previous + (self._variance - keep * previous) * (n / max(n - 1, 1))
+            if paddle.in_dynamic_mode():  # set_value leaves the version counter the kernel's backward checks
+                self._variance.set_value(unbiased)
+            else:  # a to_static graph (--to_static training) has no set_value
+                paddle.assign(unbiased, output=self._variance)
         return out
 
     def _gamma(self) -> paddle.Tensor:
@@ -85,9 +89,9 @@ class BatchNorm1D(_TorchRunningVar, nn.BatchNorm1D):
     pass
 
 
-def batch_norm_2d(channels: int) -> BatchNorm2D:
+def batch_norm_2d(channels: int, data_format: str = "NCHW") -> BatchNorm2D:
     """BatchNorm2d with PyTorch's conventions (eps 1e-5, momentum 0.1 == Paddle momentum 0.9, unbiased var)."""
-    return BatchNorm2D(channels, momentum=0.9, epsilon=1e-5)
+    return BatchNorm2D(channels, momentum=0.9, epsilon=1e-5, data_format=data_format)
 
 
 def batch_norm_1d(features: int, frozen_weight: bool = False) -> BatchNorm1D:
@@ -107,10 +111,11 @@ class _NumpyPReLU(PyLayer):
     """
 
     @staticmethod
-    def forward(ctx, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+    def forward(ctx, x: paddle.Tensor, weight: paddle.Tensor, channels_last: bool = False) -> paddle.Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.channels_last = channels_last
         xn = np.from_dlpack(x.detach())
-        slope = np.from_dlpack(weight.detach()).reshape(1, -1, *([1] * (xn.ndim - 2)))
+        slope = _slope(weight, xn.ndim, channels_last)
         out = paddle.empty_like(x)  # Paddle owns every buffer; NumPy only writes into it
         on = np.from_dlpack(out)
         np.minimum(xn, 0, out=on)  # x + (a - 1) * min(x, 0)
@@ -122,20 +127,30 @@ class _NumpyPReLU(PyLayer):
     def backward(ctx, grad: paddle.Tensor) -> tuple[paddle.Tensor | None, paddle.Tensor | None]:
         x, weight = ctx.saved_tensor()
         xn, gn = np.from_dlpack(x.detach()), np.from_dlpack(grad.detach())
-        slope = np.from_dlpack(weight.detach()).reshape(1, -1, *([1] * (xn.ndim - 2)))
+        slope = _slope(weight, xn.ndim, ctx.channels_last)
         grad_x = paddle.empty_like(grad)
         gx = np.from_dlpack(grad_x)
         np.multiply(gn, xn <= 0, out=gx)  # g * [x <= 0]
         grad_weight = None
         if not weight.stop_gradient:  # a frozen slope (fine-tuning) must get None, not a gradient
             grad_weight = paddle.empty_like(weight)
-            n, c = xn.shape[:2]
-            np.einsum("ncs,ncs->c", gx.reshape(n, c, -1), xn.reshape(n, c, -1), out=np.from_dlpack(grad_weight))
+            if ctx.channels_last:
+                c = xn.shape[-1]
+                np.einsum("sc,sc->c", gx.reshape(-1, c), xn.reshape(-1, c), out=np.from_dlpack(grad_weight))
+            else:
+                n, c = xn.shape[:2]
+                np.einsum("ncs,ncs->c", gx.reshape(n, c, -1), xn.reshape(n, c, -1), out=np.from_dlpack(grad_weight))
         if x.stop_gradient:
             return None, grad_weight
         gx *= slope - 1  # grad_x = g + (a - 1) * g * [x <= 0]
         gx += gn
         return grad_x, grad_weight
+
+
+def _slope(weight: paddle.Tensor, ndim: int, channels_last: bool) -> np.ndarray:
+    """The per-channel slopes as an array that broadcasts over the channel axis (1, or the last one)."""
+    slope = np.from_dlpack(weight.detach())
+    return slope if channels_last else slope.reshape(1, -1, *([1] * (ndim - 2)))
 
 
 class PReLU(nn.Layer):
@@ -148,11 +163,13 @@ class PReLU(nn.Layer):
 
     numpy_on_cpu = True
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, data_format: str = "NCHW"):
         super().__init__()
+        self.data_format = data_format  # NHWC: the channel axis is the last one
         self.weight = self.create_parameter([channels], default_initializer=nn.initializer.Constant(0.25))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        channels_last = self.data_format == "NHWC" and x.ndim == 4
         if self.numpy_on_cpu and paddle.in_dynamic_mode() and x.place.is_cpu_place() and x.dtype == paddle.float32:
-            return _NumpyPReLU.apply(x, self.weight)
-        return nn.functional.prelu(x, self.weight)
+            return _NumpyPReLU.apply(x, self.weight, channels_last)
+        return nn.functional.prelu(x, self.weight, data_format="NHWC" if channels_last else "NCHW")
