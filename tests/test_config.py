@@ -1,6 +1,8 @@
 """Presets, command-line overrides, typing and the one-line errors of config.py."""
 
+import itertools
 import json
+import shlex
 import subprocess
 import sys
 
@@ -35,6 +37,49 @@ def test_arcface_torch_recipes() -> None:
         5e-4, 85742, True, ["lfw", "cfp_fp", "agedb_30"])
     assert load_config("ms1mv3_mbf").num_epoch == 40
 
+
+# What a preset may set without a column in docs/training.md's table: where the data is and how the run reports,
+# not the recipe.
+_RUN_KEYS = {"data", "val_every", "log_every", "save_every", "val_at_start", "num_workers", "recompute",
+             "synthetic_identities", "synthetic_images_per_id", "synthetic_val_pairs"}
+
+
+def _presets_table() -> tuple[list[str], dict[str, dict[str, str]]]:
+    """docs/training.md's presets table: its config keys, and per preset key -> cell text (command-line form).
+
+    Columns after `preset` and `arcface_torch config` name one or more keys (`a` / `b`); a cell holds their values
+    the same way, each a command-line word (`""` is the empty list).
+    """
+    section = (ROOT / "docs" / "training.md").read_text().split("\n## Presets\n", 1)[1]
+    lines = itertools.takewhile(lambda line: line.startswith("|"),
+                                itertools.dropwhile(lambda line: not line.startswith("|"), section.splitlines()))
+    header, _, *rows = ([cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines)
+    assert header[:2] == ["preset", "arcface_torch config"], header
+    columns = [[key.strip().strip("`") for key in cell.split(" / ")] for cell in header[2:]]
+    table = {}
+    for row in rows:
+        name = row[0].split()[0].strip("`")
+        assert row[1], f"{name}: which arcface_torch config does it follow?"
+        values: dict[str, str] = {}
+        for keys, cell in zip(columns, row[2:], strict=True):
+            parts = ["".join(shlex.split(part)) for part in cell.split(" / ")]
+            assert len(parts) == len(keys), f"{name}: {cell!r} does not give {' / '.join(keys)}"
+            values.update(zip(keys, parts, strict=True))
+        table[name] = values
+    return [key for keys in columns for key in keys], table
+
+
+def test_presets_equal_the_table_in_docs_training() -> None:
+    keys, table = _presets_table()
+    assert set(keys) <= set(DEFAULTS), f"unknown keys in the table: {sorted(set(keys) - set(DEFAULTS))}"
+    assert set(table) == set(PRESETS), (f"presets without a row: {sorted(set(PRESETS) - set(table))}; "
+                                        f"rows without a preset: {sorted(set(table) - set(PRESETS))}")
+    for name, cells in table.items():
+        cfg, documented = load_config(name), load_config(name, cells)  # cells typed as on the command line
+        drift = {key: (cells[key], cfg[key]) for key in keys if documented[key] != cfg[key]}
+        assert not drift, f"docs/training.md row {name} (table, preset): {drift}"
+        hidden = set(PRESETS[name]) - set(keys) - _RUN_KEYS
+        assert not hidden, f"{name} sets {sorted(hidden)}, which the table does not show"
 
 def test_overrides_are_typed_from_the_defaults() -> None:
     cfg = parse_args(["--config", "ms1mv3_r50", "--network", "r100", "--sample_rate", "0.2", "--batch_size", "64",
