@@ -212,19 +212,20 @@ def test_training_step_matches_arcface_torch(network: str, monkeypatch: pytest.M
         assert np.median(list(errors.values())) < MEDIAN_TOLERANCE, f"step {step}: worst {worst}"
 
 
-@pytest.mark.parametrize("network", ["r18", "mbf", "mbf_large"])
-def test_every_trainable_tensor_gets_a_gradient(network: str) -> None:
-    """The bug class of features.bias, on every backbone's CPU training path (NumPy PReLU included): a tensor that
-    should train but receives no gradient is skipped by the optimizer without a word. arcface_torch freezes exactly
-    one tensor, the gamma of an iresnet's `features`."""
+@pytest.mark.parametrize(("network", "options"), [("r18", {}), ("r18", {"recompute": True}), ("mbf", {}),
+                                                  ("mbf_large", {}), ("vit_t", {})])
+def test_every_trainable_tensor_gets_a_gradient(network: str, options: dict) -> None:
+    """The bug class of features.bias, on every backbone's CPU training path (NumPy PReLU and activation recompute
+    included): a tensor that should train but receives no gradient is skipped by the optimizer without a word.
+    arcface_torch freezes exactly one tensor, the gamma of an iresnet's `features`."""
     paddle.seed(0)
-    model = get_model(network, num_features=32, width=WIDTH)
+    model = get_model(network, num_features=32, width=WIDTH, **options)
     model.train()
     out = model(paddle.randn([4, 3, 112, 112]))
     (out * paddle.randn(out.shape)).sum().backward()
     weights = {n: p for n, p in model.named_parameters() if not n.endswith(("._mean", "._variance"))}  # BN statistics
     frozen = {n for n, p in weights.items() if p.stop_gradient}
-    assert frozen == ({"features.weight"} if network.startswith("r") else set())
+    assert frozen == ({"features.weight"} if network.startswith("r") else set()), frozen
     silent = [n for n, p in weights.items() if n not in frozen and (p.grad is None or not np.any(p.grad.numpy()))]
     assert not silent, f"trainable but no gradient: {silent}"
 
