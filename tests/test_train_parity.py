@@ -31,12 +31,12 @@ from utils.lr_scheduler import PolynomialLRWarmup
 
 BATCH, CLASSES, EMBEDDING, WIDTH, STEPS = 8, 12, 64, 0.25, 3
 LR, WEIGHT_DECAY, TOTAL_STEPS = 0.1, 5e-4, 10  # no warm-up: both schedules give 0.1, 0.09, 0.08 (compared below)
-# float32 against float64 (measured on these steps, PyTorch float32 in brackets): the median per-tensor error of a
-# step is 2e-6..3e-4 (5e-5..5e-4), the worst tensor 3e-4..1.4e-2 (4e-3..1.4e-2): a few BN biases and PReLU slopes whose
-# gradient is a sum with heavy cancellation, or where an activation near 0 takes the other PReLU branch in float32.
-# A missing gradient gives 1 (and fails the one-sided check first); a systematic error (lr, clip, decay) moves the
-# median.
-TOLERANCE, MEDIAN_TOLERANCE = 5e-2, 3e-3
+# float32 against float64 (measured on these steps by `python -m tests.test_train_parity`, PyTorch float32 in
+# brackets): the median error of a step's weights, momentum buffers or BN statistics is at most 5.8e-4 (1.9e-3); the
+# worst tensor 3e-4..1.4e-2 (4e-3..1.4e-2): a few BN biases and PReLU slopes whose gradient is a sum with heavy
+# cancellation, or where an activation near 0 takes the other PReLU branch in float32. A missing gradient gives 1
+# (and fails the one-sided check first); a systematic error moves a median (lr 1% off: the weights' to 1e-2).
+TOLERANCE, MEDIAN_TOLERANCE = 5e-2, 5e-3
 _PADDLE_NAMES = {"running_mean": "_mean", "running_var": "_variance"}
 
 
@@ -170,6 +170,17 @@ def update_errors(before: State, project: State, reference: State) -> tuple[dict
     return errors, one_sided
 
 
+def group_medians(errors: dict[str, float]) -> dict[str, float]:
+    """Median error of the weights, of the momentum buffers and of the BN statistics (a systematic error shows in
+    its own group: an lr off by 1% moves every weight by 1% but no momentum buffer)."""
+    groups: dict[str, list[float]] = {"weights": [], "momentum": [], "BN statistics": []}
+    for name, error in errors.items():
+        group = ("momentum" if name.startswith("momentum of ") else
+                 "BN statistics" if name.endswith(("running_mean", "running_var")) else "weights")
+        groups[group].append(error)
+    return {group: float(np.median(values)) for group, values in groups.items() if values}
+
+
 def forced_steps(network: str, float32_reference: bool = False) -> list[dict]:
     """STEPS forced steps; per step the per-tensor errors, one-sided movers, both losses and both learning rates
     (and the errors of a float32 run of the reference, if asked)."""
@@ -209,7 +220,8 @@ def test_training_step_matches_arcface_torch(network: str, monkeypatch: pytest.M
         errors = result["errors"]
         worst = sorted(errors.items(), key=lambda item: -item[1])[:5]
         assert worst[0][1] < TOLERANCE, f"step {step}: relative update errors (worst first) {worst}"
-        assert np.median(list(errors.values())) < MEDIAN_TOLERANCE, f"step {step}: worst {worst}"
+        medians = group_medians(errors)
+        assert max(medians.values()) < MEDIAN_TOLERANCE, f"step {step}: medians {medians}, worst {worst}"
 
 
 @pytest.mark.parametrize(("network", "options"), [("r18", {}), ("r18", {"recompute": True}), ("mbf", {}),
@@ -238,8 +250,8 @@ def _print_figures() -> None:
                     f"loss {result['loss'][0]:.6f} / {result['loss'][1]:.6f}"]
             for label, errors in (("project", result["errors"]), ("torch float32", result["float32 errors"])):
                 worst = max(errors, key=errors.get)
-                line.append(f"{label}: median {np.median(list(errors.values())):.1e}, "
-                            f"worst {errors[worst]:.1e} ({worst})")
+                medians = ", ".join(f"{group} {value:.1e}" for group, value in group_medians(errors).items())
+                line.append(f"{label}: medians {medians}; worst {errors[worst]:.1e} ({worst})")
             print("; ".join(line))
 
 
