@@ -79,7 +79,8 @@ class Project:
         self.backbone = get_model(network, num_features=EMBEDDING, width=WIDTH)
         self.pfc = PartialFC(build_margin_loss(self.cfg), EMBEDDING, CLASSES, sample_rate=self.cfg.sample_rate,
                              optimizer=self.cfg.optimizer, momentum=self.cfg.momentum,
-                             weight_decay=self.cfg.weight_decay, seed=self.cfg.seed)
+                             weight_decay=self.cfg.weight_decay, seed=self.cfg.seed, backend=self.cfg.pfc_backend,
+                             kernel=self.cfg.pfc_kernel)
         self.scheduler = PolynomialLRWarmup(self.cfg.lr, 0, TOTAL_STEPS)
         self.optimizer = train._build_optimizer(self.cfg, self.backbone, self.scheduler)
         self.backbone.train()
