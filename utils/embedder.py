@@ -4,7 +4,9 @@ Three backends share the same preprocessing (`utils.image.preprocess_batch`), ba
 dynamic-graph model, the exported Paddle Inference model and the ONNX model can be swapped without the numbers
 drifting apart: `DygraphEmbedder` (network + .pdparams), `PaddleInferenceEmbedder` (model.json + model.pdiparams
 from `tools/export.py`), `OnnxEmbedder` (model.onnx). `load_embedder` picks one from a path; `add_model_args` /
-`embedder_from_args` give every tool the same command-line options.
+`embedder_from_args` give every tool the same command-line options. `device="gpu"` runs Paddle Inference on CUDA
+(optionally through a TensorRT fp16 engine), ONNX Runtime with its CUDA provider, or the dygraph model on the GPU;
+where that is not possible it fails with one line saying what is missing (`gpu_missing`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -118,22 +121,32 @@ class DygraphEmbedder(Embedder):
 
 
 class PaddleInferenceEmbedder(Embedder):
-    """`paddle.inference` predictor on an exported model.json/model.pdiparams (oneDNN on by default)."""
+    """`paddle.inference` predictor on an exported model.json/model.pdiparams (CPU: oneDNN on by default; GPU: CUDA,
+    or with `tensorrt` a TensorRT fp16 engine built from the model into a temporary directory)."""
 
     backend = "paddle"
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, onednn: bool = True):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, onednn: bool = True, device: str = "cpu",
+                 tensorrt: bool = False):
         from paddle import inference
 
         model_dir = Path(model_dir)
         meta = read_meta(model_dir)
-        config = inference.Config(str(model_dir / PADDLE_MODEL), str(model_dir / PADDLE_PARAMS))
+        require_device(device, tensorrt)
+        self._trt_dir = tempfile.TemporaryDirectory(prefix="arcface_trt_") if tensorrt else None
+        model_file, params_file = model_dir / PADDLE_MODEL, model_dir / PADDLE_PARAMS
+        if self._trt_dir is not None:
+            model_file, params_file = _tensorrt_fp16(model_dir, meta, Path(self._trt_dir.name))
+        config = inference.Config(str(model_file), str(params_file))
         config.disable_glog_info()
-        if onednn:
+        if device == "gpu":
+            config.enable_use_gpu(256, 0)  # initial memory pool (MB), GPU 0
+        elif onednn:
             config.enable_onednn()
         else:
             config.disable_onednn()
         config.set_cpu_math_library_num_threads(threads or default_threads())
+        self.backend = "paddle-trt-fp16" if tensorrt else "paddle-gpu" if device == "gpu" else "paddle"
         self.predictor = inference.create_predictor(config)
         self._input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self._output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
@@ -147,18 +160,25 @@ class PaddleInferenceEmbedder(Embedder):
 
 
 class OnnxEmbedder(Embedder):
-    """ONNX Runtime (CPU provider) on an exported model.onnx; shapes are read from the graph itself."""
+    """ONNX Runtime (CPU provider, or CUDA on `device="gpu"`) on an exported model.onnx; shapes from the graph."""
 
     backend = "onnx"
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+    def __init__(self, onnx_path: str | Path, threads: int | None = None, device: str = "cpu"):
         import onnxruntime as ort
 
+        providers = ["CPUExecutionProvider"]
+        if device == "gpu":
+            missing = onnx_gpu_missing()
+            if missing:
+                raise DeviceError(f"--device gpu: {missing}")
+            providers = ["CUDAExecutionProvider"]
+            self.backend = "onnx-cuda"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self._input_name = inp.name
         batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
@@ -181,6 +201,71 @@ def default_threads() -> int:
     return int(_USER_THREADS or os.cpu_count() or 1)
 
 
+DEVICES = ("cpu", "gpu")
+TRT_MAX_BATCH = 64  # the largest batch a TensorRT engine of a dynamic-batch export is built for
+
+
+class DeviceError(ValueError):
+    """The requested device or engine cannot run here; the message says what is missing."""
+
+
+def gpu_missing() -> str | None:
+    """Why Paddle cannot compute on a GPU here (the build, or no visible device); None when it can."""
+    import paddle
+
+    if not paddle.device.is_compiled_with_cuda():
+        return f"this Paddle {paddle.__version__} is the CPU build (install paddlepaddle-gpu {paddle.__version__})"
+    if paddle.device.cuda.device_count() == 0:
+        return "Paddle was built with CUDA but sees no GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def tensorrt_missing() -> str | None:
+    """Why Paddle Inference cannot build a TensorRT engine here; None when it can."""
+    from paddle import inference
+
+    if not any(inference.get_trt_compile_version()):
+        return "this Paddle build has no TensorRT (a paddlepaddle-gpu wheel built with TensorRT is needed)"
+    if not any(inference.get_trt_runtime_version()):
+        return "Paddle was built with TensorRT but cannot load its libraries (install TensorRT, set LD_LIBRARY_PATH)"
+    return None
+
+
+def onnx_gpu_missing() -> str | None:
+    """Why ONNX Runtime cannot run on a GPU here; None when its CUDA provider is available."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu in its place)"
+    return None
+
+
+def require_device(device: str, tensorrt: bool = False) -> None:
+    """Raise DeviceError (one line) unless `device` (and a TensorRT engine, if asked for) can run here."""
+    if device not in DEVICES:
+        raise DeviceError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if tensorrt and device != "gpu":
+        raise DeviceError("--tensorrt runs on the GPU: add --device gpu")
+    missing = gpu_missing() if device == "gpu" else None
+    if missing is None and tensorrt:
+        missing = tensorrt_missing()
+    if missing:
+        raise DeviceError(f"--device gpu{' --tensorrt' if tensorrt else ''}: {missing}")
+
+
+def _tensorrt_fp16(model_dir: Path, meta: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Paddle's PIR-TensorRT conversion of an exported model to an fp16 engine program; (model, params) files."""
+    from paddle.tensorrt.export import Input, PrecisionMode, TensorRTConfig, convert
+
+    batch = meta.get("batch_size")
+    shape = [1, 3, INPUT_SIZE, INPUT_SIZE]
+    spec = Input(min_input_shape=[batch or 1, *shape[1:]], optim_input_shape=[batch or 8, *shape[1:]],
+                 max_input_shape=[batch or TRT_MAX_BATCH, *shape[1:]], name=meta.get("input_name", "input"))
+    config = TensorRTConfig(inputs=[spec], precision_mode=PrecisionMode.FP16, save_model_dir=str(out_dir / "model"))
+    convert(str(model_dir / Path(PADDLE_MODEL).stem), config)
+    return out_dir / "model.json", out_dir / "model.pdiparams"
+
+
 def read_meta(model_dir: str | Path) -> dict[str, Any]:
     """The meta.json `tools/export.py` writes beside an exported model."""
     path = Path(model_dir) / META_NAME
@@ -197,14 +282,22 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
 
 def load_embedder(model: str | Path | None = None, *, network: str | None = None, weights: str | Path | None = None,
                   width: float = 1.0, embedding_size: int = 512, backend: str = "auto", threads: int | None = None,
-                  onednn: bool = True) -> Embedder:
+                  onednn: bool = True, device: str = "cpu", tensorrt: bool = False) -> Embedder:
     """An exported model (directory, model.json or model.onnx) or `network` + `weights` (.pdparams, dygraph).
 
     For a directory holding both formats, `backend="auto"` picks Paddle Inference; `"onnx"` the ONNX file.
+    `device="gpu"` runs it on GPU 0; `tensorrt` (Paddle Inference only) through a TensorRT fp16 engine.
     """
     if weights is not None:
         if network is None:
             raise ValueError("--weights needs --network (e.g. --network r50)")
+        if tensorrt:
+            raise DeviceError("--tensorrt needs an exported model (--model DIR), not --weights")
+        require_device(device)
+        if device == "gpu":
+            import paddle
+
+            paddle.set_device("gpu")
         net = load_backbone(network, weights, width, embedding_size)
         meta = {"network": network, "width": width, "embedding_size": embedding_size,
                 "source": {"file": Path(weights).name, "sha256": file_sha256(weights)}}
@@ -219,16 +312,22 @@ def load_embedder(model: str | Path | None = None, *, network: str | None = None
         if backend == "onnx" or (backend == "auto" and has_onnx and not has_paddle):
             if not has_onnx:
                 raise FileNotFoundError(f"{path / ONNX_MODEL}: missing (export with --format onnx or both)")
-            return OnnxEmbedder(path / ONNX_MODEL, threads)
+            return _onnx(path / ONNX_MODEL, threads, device, tensorrt)
         if not has_paddle:
             raise FileNotFoundError(f"{path / PADDLE_MODEL}: missing (export with --format paddle or both)")
-        return PaddleInferenceEmbedder(path, threads, onednn)
+        return PaddleInferenceEmbedder(path, threads, onednn, device, tensorrt)
     if path.suffix == ".onnx":
-        return OnnxEmbedder(path, threads)
+        return _onnx(path, threads, device, tensorrt)
     if path.name == PADDLE_MODEL:
-        return PaddleInferenceEmbedder(path.parent, threads, onednn)
+        return PaddleInferenceEmbedder(path.parent, threads, onednn, device, tensorrt)
     raise ValueError(f"{path}: not an exported model (a directory, model.json or .onnx); "
                      "for a .pdparams use --network and --weights")
+
+
+def _onnx(path: Path, threads: int | None, device: str, tensorrt: bool) -> OnnxEmbedder:
+    if tensorrt:
+        raise DeviceError("--tensorrt is a Paddle Inference engine: use --backend paddle (model.json)")
+    return OnnxEmbedder(path, threads, device)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +343,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=positive_int, default=None,
                        help="CPU threads (default: OMP_NUM_THREADS or all)")
     group.add_argument("--no-onednn", action="store_true", help="run Paddle Inference without oneDNN")
+    group.add_argument("--device", choices=DEVICES, default="cpu",
+                       help="gpu: Paddle Inference on CUDA, ONNX Runtime's CUDA provider, or dygraph on the GPU")
+    group.add_argument("--tensorrt", action="store_true",
+                       help="with --device gpu: Paddle Inference through a TensorRT fp16 engine")
     group.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     group.add_argument("--flip", action="store_true", help="add the embedding of the mirrored crop")
 
@@ -256,7 +359,7 @@ def embedder_from_args(args: argparse.Namespace) -> Embedder:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or default_threads()))
     return load_embedder(args.model, network=args.network, weights=args.weights, width=args.width,
                          embedding_size=args.embedding_size, backend=args.backend, threads=args.threads,
-                         onednn=not args.no_onednn)
+                         onednn=not args.no_onednn, device=args.device, tensorrt=args.tensorrt)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
