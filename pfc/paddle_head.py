@@ -28,6 +28,8 @@ from pfc.shards import init_centres, shard_range
 from pfc.spec import EXP_FLOOR, NORM_EPS, HeadSpec
 
 KERNELS = ("portable", "fused")
+_INIT_ROWS = 1 << 16  # centres initialised (and loaded) per host block
+_STEP_ROWS = 1 << 14  # rows per block of the optimizer update (bounds its temporaries: 32 MB each at 512-d)
 FUSED_TOLERANCE = 1e-3  # relative difference of loss and embedding gradient above which the fused path is refused
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,12 @@ class _Pass:
     beta: paddle.Tensor | None = None    # [S]
     leaf: paddle.Tensor | None = None    # [S, D] rows as an autograd leaf (fused path)
 
-    def gradient(self) -> paddle.Tensor:
+    def gradient(self, a: int, b: int) -> paddle.Tensor:
+        """The gradient of sampled rows a:b."""
         if self.leaf is not None:
-            return self.leaf.grad
-        return paddle.matmul(self.grad_t, self.emb, transpose_x=True) - self.beta.unsqueeze(1) * self.rows
+            return self.leaf.grad[a:b]
+        return (paddle.matmul(self.grad_t[:, a:b], self.emb, transpose_x=True)
+                - self.beta[a:b].unsqueeze(1) * self.rows[a:b])
 
 
 class _HeadFunction(paddle.autograd.PyLayer):
@@ -72,9 +76,11 @@ class PaddleHead:
     def __init__(self, spec: HeadSpec, kernel: str = "portable", fp16: bool = False) -> None:
         self.spec, self.kernel, self.fp16 = spec, kernel, fp16
         self.comm = TensorComm(spec.world_size)
-        weight = np.empty((spec.num_local, spec.embedding_size), np.float32)
-        init_centres(weight, spec.class_start, spec.seed)
-        self.weight = paddle.to_tensor(weight)
+        self.weight = paddle.empty([spec.num_local, spec.embedding_size], "float32")
+        for a in range(0, spec.num_local, _INIT_ROWS):  # by blocks: no full host copy of the matrix
+            block = np.empty((min(_INIT_ROWS, spec.num_local - a), spec.embedding_size), np.float32)
+            init_centres(block, spec.class_start + a, spec.seed)
+            self.weight[a:a + block.shape[0]] = paddle.to_tensor(block)
         self.opt_state = {name: paddle.zeros_like(self.weight) for name in spec.state_names}
         self.num_updates = paddle.zeros([], "int64")  # steps applied (AdamW bias correction), counted on the device
         self._pending: list[_Pass] = []
@@ -112,21 +118,21 @@ class PaddleHead:
                  keys: tuple[int, int]) -> tuple[paddle.Tensor, dict]:
         margin, comm = self.spec.margin, self.comm
         emb, idx, rows, column, has_target = self._sample(local_emb, labels, size, keys)
-        norms = paddle.clip(paddle.linalg.norm(emb, axis=1, keepdim=True), min=NORM_EPS)
+        norms = _row_norms(emb, keepdim=True)
         emb_n = emb / norms
-        inv_w = 1.0 / paddle.clip(paddle.linalg.norm(rows, axis=1), min=NORM_EPS)
-        cos = paddle.clip(paddle.matmul(emb_n, rows, transpose_y=True) * inv_w, -1.0, 1.0)  # [N, S]
+        inv_w = 1.0 / _row_norms(rows)
+        cos = paddle.matmul(emb_n, rows, transpose_y=True)  # [N, S]; in place from here on: one [N, S] per role
+        cos.multiply_(inv_w).clip_(-1.0, 1.0)
         cos_t = paddle.take_along_axis(cos, column, 1)
         target_logit = margin.target_logit_tensor(cos_t)
-        logits = cos * margin.s
+        exps = cos * margin.s  # the logits, turned into exp(logit - max) in place below
         mask = None
         if margin.interclass_filtering_threshold > 0:  # negatives above the threshold: logit 0, no gradient
             mask = cos > margin.interclass_filtering_threshold
-            logits = paddle.where(mask, paddle.zeros_like(logits), logits)
-        _put_column(logits, column, has_target, target_logit)
-        top = comm.all_reduce(logits.max(axis=1, keepdim=True), dist.ReduceOp.MAX)
-        exps = paddle.exp(paddle.clip(logits - top, min=EXP_FLOOR))  # floor: see numpy_head (denormals)
-        del logits
+            exps.masked_fill_(mask, 0.0)
+        _put_column(exps, column, has_target, target_logit)
+        top = comm.all_reduce(exps.max(axis=1, keepdim=True), dist.ReduceOp.MAX)
+        exps.subtract_(top).clip_(min=EXP_FLOOR).exp_()  # floor: see numpy_head (denormals)
         sumexp = comm.all_reduce(exps.sum(axis=1, keepdim=True))
         target = comm.all_reduce(paddle.where(has_target, target_logit, paddle.zeros_like(target_logit)))
         loss = (paddle.log(sumexp) + top - target).mean()
@@ -141,13 +147,13 @@ class PaddleHead:
         spec, column, has_target = self.spec, saved["column"], saved["has_target"]
         n = saved["emb_n"].shape[0]
         grad_loss = grad_loss.reshape([]).astype("float32")
-        prob = saved["exps"] / saved["sumexp"]
-        grad = prob * (grad_loss * (spec.margin.s / n))  # dL/dcos of the negatives
+        grad_t = saved["exps"].divide_(saved["sumexp"])  # the softmax, turned into dL/dcos / |w| in place
+        grad_target = (paddle.take_along_axis(grad_t, column, 1) - 1.0) * (grad_loss / n) * saved["target_grad"]
+        grad_t.multiply_(grad_loss * (spec.margin.s / n))  # dL/dcos of the negatives
         if saved["mask"] is not None:
-            grad = paddle.where(saved["mask"], paddle.zeros_like(grad), grad)
-        grad_target = (paddle.take_along_axis(prob, column, 1) - 1.0) * (grad_loss / n) * saved["target_grad"]
-        _put_column(grad, column, has_target, grad_target)
-        grad_t = grad * saved["inv_w"]  # through w / |w|: the cosine is (e_n . w) / |w|
+            grad_t.masked_fill_(saved["mask"], 0.0)
+        _put_column(grad_t, column, has_target, grad_target)
+        grad_t.multiply_(saved["inv_w"])  # through w / |w|: the cosine is (e_n . w) / |w|
         beta = saved["inv_w"] * (grad_t * saved["cos"]).sum(axis=0)
         grad_emb_n = self.comm.all_reduce(paddle.matmul(grad_t, saved["rows"]))
         b = n // spec.world_size
@@ -161,31 +167,31 @@ class PaddleHead:
         self._pending = []
 
     def workspace_bytes(self, size: int, batch: int) -> int:
-        """Per-step device memory from the shapes (size sampled classes, batch gathered embeddings), the larger of
-        forward + backward (gathered rows, embeddings, five [N, S] matrices alive at once: cosines, exponentials,
-        probabilities, gradient, scaled gradient) and step (the summed gradient and, per array, the gathered old
-        rows, the new rows and the guarded copy)."""
+        """Per-step device memory from the shapes, one backward pass per step (size sampled classes, batch gathered
+        embeddings): the larger of forward + backward (gathered rows, embeddings, three [N, S] matrices: cosines,
+        exponentials turned in place into the gradient, one temporary; the filter mask) and the step (the pass's
+        saved factors, and per block of _STEP_ROWS rows four temporaries for SGD in place, or the gradient and, per
+        array, the old, new and guarded rows for AdamW)."""
         d, states = self.spec.embedding_size, len(self.opt_state)
         rows = size * d if size < self.spec.num_local else 0
-        passes = 4 * (rows + 2 * batch * d + 5 * batch * size) + batch * size
-        step = 4 * (rows + batch * size + size * d * (1 + 3 * (1 + states)))
+        passes = 4 * (rows + 3 * batch * d + 3 * batch * size) + batch * size
+        per_row = 4 if self.spec.optimizer == "sgd" else 1 + 3 * (1 + states)
+        step = 4 * (rows + batch * size + batch * d + min(size, _STEP_ROWS) * d * per_row)
         return max(passes, step)
 
     def grads_finite(self) -> paddle.Tensor:
-        """Whether the pending head gradient is finite: a bool tensor on the device (nothing is read)."""
-        checks = [paddle.isfinite(p.gradient()).all() for p in self._pending]
+        """Whether the pending head gradient is finite: a bool tensor on the device (nothing is read). Checked on
+        its factors (dL/dcos and beta; the fused path: the rows' gradient), as the numpy backend does."""
+        checks = [paddle.isfinite(p.leaf.grad).all() if p.leaf is not None
+                  else paddle.isfinite(p.grad_t).all() & paddle.isfinite(p.beta).all() for p in self._pending]
         return paddle.stack(checks).all() if checks else paddle.full([], True, "bool")
 
-    def _combined(self) -> tuple[paddle.Tensor | None, paddle.Tensor, paddle.Tensor]:
-        """(rows, their weights, their summed gradient) over the pending passes. Several passes: the rows of all
-        passes sorted, each position carrying its row's total (static shapes; duplicate rows then write the same
-        values, so the scatter is deterministic)."""
-        if len(self._pending) == 1:
-            only = self._pending[0]
-            return only.idx, only.rows, only.gradient()
+    def _combined(self) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """Several passes: (rows of all passes, sorted, with repeats; their weights; at each position its row's
+        summed gradient). Static shapes; repeated rows compute and write the same values."""
         arange = paddle.arange(self.spec.num_local, dtype="int64")
         idx = paddle.concat([arange if p.idx is None else p.idx for p in self._pending])
-        grad = paddle.concat([p.gradient() for p in self._pending])
+        grad = paddle.concat([p.gradient(0, p.rows.shape[0]) for p in self._pending])
         order = paddle.argsort(idx, stable=True)
         idx, grad = paddle.index_select(idx, order), paddle.index_select(grad, order)
         first = paddle.concat([paddle.ones([1], "int64"), (idx[1:] != idx[:-1]).astype("int64")])
@@ -194,16 +200,59 @@ class PaddleHead:
         return idx, paddle.index_select(self.weight, idx), paddle.index_select(total, group)
 
     def step(self, lr: float, loss_scale: float | paddle.Tensor = 1.0) -> bool:
-        """Update the rows sampled since the last step. A non-finite gradient leaves every row and state unchanged,
-        decided on the device (the host is not told: returns True; use grads_finite() to decide on the host)."""
+        """Update the rows sampled since the last step, in blocks of _STEP_ROWS (bounded temporaries). A non-finite
+        gradient leaves every row and state unchanged, decided on the device: the host is not told (returns True;
+        ask grads_finite() first when it must know). Several accumulated passes are updated as one block (all old
+        values are read before any is written: a row may appear in several passes)."""
         if not self._pending:
             return True
-        spec = self.spec
-        idx, w, grad = self._combined()
+        ok, inverse = self.grads_finite(), 1.0 / loss_scale
+        if len(self._pending) == 1:
+            (only,) = self._pending
+            idx, count, block = only.idx, only.rows.shape[0], _STEP_ROWS
+            parts = lambda a, b: (only.rows[a:b], only.gradient(a, b))  # noqa: E731
+        else:
+            idx, rows, grad = self._combined()
+            count = block = idx.shape[0]
+            parts = lambda a, b: (rows, grad)  # noqa: E731
+        factored = len(self._pending) == 1 and self._pending[0].leaf is None and self.spec.optimizer == "sgd"
         self._pending = []
-        grad = grad * (1.0 / loss_scale)
-        ok = paddle.isfinite(grad).all()
-        states = [s if idx is None else paddle.index_select(s, idx) for s in self.opt_state.values()]
+        for a in range(0, count, block):
+            b = min(a + block, count)
+            block_idx = None if idx is None else idx[a:b]
+            if factored:
+                self._sgd_in_place(ok, block_idx, a, b, only, inverse, lr)
+            else:
+                w, grad = parts(a, b)
+                self._update(ok, block_idx, a, b, w, grad * inverse, lr)
+        self.num_updates += ok.astype("int64")
+        return True
+
+    def _sgd_in_place(self, ok: paddle.Tensor, idx: paddle.Tensor | None, a: int, b: int, grad: _Pass,
+                      inverse: float | paddle.Tensor, lr: float) -> None:
+        """SGD on rows a:b of one pass from its factors, in place (each new [rows, D] temporary costs page faults on
+        CPU, memory on GPU): m = mu*m + G^T E; m += (wd - beta) * w; w -= lr * m, the numpy backend's sequence.
+        Not ok (non-finite): the factors become 0 and (mu, lr) = (1, 0), which leaves m and w bitwise unchanged."""
+        spec = self.spec
+        grad_t = paddle.where(ok, grad.grad_t[:, a:b] * inverse, paddle.zeros([1], "float32"))
+        coef = paddle.where(ok, spec.weight_decay - grad.beta[a:b] * inverse, paddle.zeros([1], "float32"))
+        momentum = paddle.where(ok, paddle.full([], spec.momentum, "float32"), paddle.full([], 1.0, "float32"))
+        step = paddle.where(ok, paddle.full([], lr, "float32"), paddle.full([], 0.0, "float32"))
+        mom_all = self.opt_state["momentum"]
+        w, mom = grad.rows[a:b], _read_rows(mom_all, idx, a, b)  # views of the saved rows (idx None: of the state)
+        mom.multiply_(momentum)
+        mom.add_(paddle.matmul(grad_t, grad.emb, transpose_x=True))
+        mom.add_(w * coef.unsqueeze(1))
+        w.subtract_(mom * step)
+        if idx is not None:
+            paddle.scatter_(self.weight, idx, w)
+            paddle.scatter_(mom_all, idx, mom)
+
+    def _update(self, ok: paddle.Tensor, idx: paddle.Tensor | None, a: int, b: int, w: paddle.Tensor,
+                grad: paddle.Tensor, lr: float) -> None:
+        """One block of the optimizer: rows idx (None: rows a:b of the matrices) with weights w and gradient grad."""
+        spec = self.spec
+        states = [_read_rows(s, idx, a, b) for s in self.opt_state.values()]
         if spec.optimizer == "sgd":
             (mom,) = states
             mom_new = spec.momentum * mom + grad + spec.weight_decay * w  # Paddle Momentum / torch SGD, L2 decay
@@ -217,15 +266,17 @@ class PaddleHead:
             denom = paddle.sqrt(exp_avg_sq / debias) + spec.eps
             new = [w * (1.0 - lr * spec.weight_decay) - step_size * exp_avg / denom, exp_avg, exp_avg_sq]
         for target, old, value in zip([self.weight, *self.opt_state.values()], [w, *states], new, strict=True):
-            _write_rows(target, idx, paddle.where(ok, value, old))
-        self.num_updates += ok.astype("int64")
-        return True
+            _write_rows(target, idx, a, b, paddle.where(ok, value, old))
 
     def pending_gradient(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted local rows, their summed gradient) on the host: for tests and checks, never called in training."""
         if not self._pending:
             return np.zeros(0, np.int64), np.zeros((0, self.spec.embedding_size), np.float32)
-        idx, _, grad = self._combined()
+        if len(self._pending) == 1:
+            (only,) = self._pending
+            idx, grad = only.idx, only.gradient(0, only.rows.shape[0])
+        else:
+            idx, _, grad = self._combined()
         idx = np.arange(self.spec.num_local) if idx is None else idx.numpy()
         rows, first = np.unique(idx, return_index=True)
         return rows, grad.numpy()[first]
@@ -237,7 +288,8 @@ class PaddleHead:
 
     def load_arrays(self, arrays: dict[str, np.ndarray], num_updates: int) -> None:
         for name, target in [("weight", self.weight), *self.opt_state.items()]:
-            paddle.assign(paddle.to_tensor(np.ascontiguousarray(arrays[name], np.float32)), output=target)
+            for a in range(0, self.spec.num_local, _INIT_ROWS):
+                target[a:a + _INIT_ROWS] = paddle.to_tensor(np.ascontiguousarray(arrays[name][a:a + _INIT_ROWS]))
         self.num_updates = paddle.full([], num_updates, "int64")
         self._pending = []
 
@@ -297,6 +349,11 @@ class PaddleHead:
                         "%.2e relative (> %g) on the first step; using the portable path", worst, FUSED_TOLERANCE)
 
 
+def _row_norms(x: paddle.Tensor, keepdim: bool = False) -> paddle.Tensor:
+    """max(|x_i|, eps) per row (sqrt of a sum of squares: faster than paddle.linalg.norm on CPU)."""
+    return paddle.sqrt(paddle.square(x).sum(axis=1, keepdim=keepdim)).clip(min=NORM_EPS)
+
+
 def _put_column(matrix: paddle.Tensor, column: paddle.Tensor, has_target: paddle.Tensor,
                 value: paddle.Tensor) -> None:
     """matrix[i, column[i]] = value[i] where has_target[i] (other rows keep their entry), in place."""
@@ -304,9 +361,14 @@ def _put_column(matrix: paddle.Tensor, column: paddle.Tensor, has_target: paddle
     matrix.put_along_axis_(column, paddle.where(has_target, value, keep), 1)
 
 
-def _write_rows(target: paddle.Tensor, idx: paddle.Tensor | None, value: paddle.Tensor) -> None:
-    """target[idx] = value in place (idx None: every row)."""
+def _read_rows(source: paddle.Tensor, idx: paddle.Tensor | None, a: int, b: int) -> paddle.Tensor:
+    """source[idx] (idx None: rows a:b)."""
+    return source[a:b] if idx is None else paddle.index_select(source, idx)
+
+
+def _write_rows(target: paddle.Tensor, idx: paddle.Tensor | None, a: int, b: int, value: paddle.Tensor) -> None:
+    """target[idx] = value in place (idx None: rows a:b)."""
     if idx is None:
-        paddle.assign(value, output=target)
+        target[a:b] = value
     else:
         paddle.scatter_(target, idx, value)

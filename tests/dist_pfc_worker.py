@@ -20,7 +20,7 @@ from losses import CombinedMarginLoss
 from partial_fc import PartialFC, init_centres
 from pfc.sampling import sample_size
 from tests.host_reads import forbid_host_reads
-from tests.pfc_backends import PASSES, STEPS, batches, cases, compare, run
+from tests.pfc_backends import PASSES, STEPS, batches, cases, compare_backends
 from tests.pfc_reference import full_softmax
 
 C, D, D_IN, B = 37, 8, 6, 5
@@ -133,8 +133,9 @@ def check_backends(setup: Setup) -> None:
     """The paddle backend equals the numpy backend on 2 ranks, case by case (one launch for all cases)."""
     data = batches(np.random.default_rng(7), STEPS * PASSES, setup.world * B, D, C, near=setup.full_w_11)
     for case in cases():
-        compare(run("paddle", case, data, D, C, setup.local), run("numpy", case, data, D, C, setup.local),
-                f"rank {setup.rank} {case}")
+        compare_backends(case, data, D, C, setup.local, what=f"rank {setup.rank}")
+    for case in cases()[::5]:  # one pass per step: the paddle backend's block-wise update path
+        compare_backends(case, data, D, C, setup.local, passes=1, what=f"rank {setup.rank} one pass")
 
 
 def check_no_host_reads(setup: Setup) -> None:

@@ -27,51 +27,51 @@ def cases() -> list[dict[str, Any]]:
     return out
 
 
-def run(backend: str, case: dict[str, Any], batches: list[tuple[np.ndarray, np.ndarray]], dim: int,
-        num_classes: int, local: slice = slice(None)) -> dict[str, Any]:
-    """STEPS optimizer steps of PASSES accumulated passes each (this rank's `local` rows of every global batch):
-    losses, embedding gradients, the pending head gradient before the first step, the state after every step."""
+def compare_backends(case: dict[str, Any], batches: list[tuple[np.ndarray, np.ndarray]], dim: int,
+                     num_classes: int, local: slice = slice(None), passes: int = PASSES, what: str = "") -> None:
+    """Both backends through STEPS optimizer steps of `passes` accumulated passes each (this rank's `local` rows of
+    every global batch), compared step by step from identical state (forced steps: after each step the paddle
+    backend takes the numpy backend's state, so float32 rounding never compounds): losses, embedding gradients,
+    sampled rows and the head gradient, then rows and optimizer state after the step."""
     margin = CombinedMarginLoss(*MARGINS[case["margin"]], interclass_filtering_threshold=case["threshold"],
                                 grad=case["grad"])
     adamw = case["optimizer"] == "adamw"
-    pfc = PartialFC(margin, dim, num_classes, sample_rate=case["sample_rate"], optimizer=case["optimizer"],
-                    weight_decay=0.1 if adamw else 5e-4, seed=11, backend=backend)
-    out: dict[str, Any] = {"loss": [], "grad": [], "state": []}
+    heads = {backend: PartialFC(margin, dim, num_classes, sample_rate=case["sample_rate"], optimizer=case["optimizer"],
+                                weight_decay=0.1 if adamw else 5e-4, seed=11, backend=backend)
+             for backend in ("paddle", "numpy")}
+    what = f"{what} {case}"
     for step in range(STEPS):
-        for emb, labels in batches[step * PASSES:(step + 1) * PASSES]:
-            x = paddle.to_tensor(emb[local], stop_gradient=False)
-            loss = pfc(x, paddle.to_tensor(labels[local]))
-            (loss / PASSES).backward()
-            out["loss"].append(float(loss))
-            out["grad"].append(x.grad.numpy())
-        if step == 0:
-            out["pending"] = pfc.pending_gradient()
-        pfc.step(1e-3 if adamw else 0.1)
-        out["state"].append({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in pfc.state_dict().items()})
-    return out
-
-
-def compare(ours: dict[str, Any], ref: dict[str, Any], what: str) -> None:
-    """paddle (ours) == numpy (ref) within TOLERANCE relative (arrays: of the reference's largest entry)."""
-    def close(name: str, a: Any, b: Any) -> None:
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert a.shape == b.shape, f"{what} {name}: shape {a.shape} != {b.shape}"
-        err, scale = float(np.abs(a - b).max(initial=0.0)), float(np.abs(b).max(initial=0.0))
-        assert err <= TOLERANCE * max(scale, 1e-30), f"{what} {name}: max error {err:.3g} vs scale {scale:.3g}"
-
-    for k, (a, b) in enumerate(zip(ours["loss"], ref["loss"], strict=True)):
-        close(f"loss {k}", a, b)
-    for k, (a, b) in enumerate(zip(ours["grad"], ref["grad"], strict=True)):
-        close(f"embedding gradient {k}", a, b)
-    np.testing.assert_array_equal(ours["pending"][0], ref["pending"][0], err_msg=f"{what}: sampled rows differ")
-    close("head gradient", ours["pending"][1], ref["pending"][1])
-    for k, (a, b) in enumerate(zip(ours["state"], ref["state"], strict=True)):
-        assert a.keys() == b.keys(), f"{what}: state keys {sorted(a)} != {sorted(b)}"
-        for name in a:
-            if isinstance(b[name], np.ndarray):
-                close(f"{name} after step {k + 1}", a[name], b[name])
+        for k, (emb, labels) in enumerate(batches[step * passes:(step + 1) * passes]):
+            results = []
+            for pfc in heads.values():
+                x = paddle.to_tensor(emb[local], stop_gradient=False)
+                loss = pfc(x, paddle.to_tensor(labels[local]))
+                (loss / passes).backward()
+                results.append((float(loss), x.grad.numpy()))
+            (loss, grad), (ref_loss, ref_grad) = results
+            _close(f"{what} step {step + 1} pass {k + 1}: loss", loss, ref_loss)
+            _close(f"{what} step {step + 1} pass {k + 1}: embedding gradient", grad, ref_grad)
+        (rows, grad), (ref_rows, ref_grad) = (pfc.pending_gradient() for pfc in heads.values())
+        np.testing.assert_array_equal(rows, ref_rows, err_msg=f"{what} step {step + 1}: sampled rows differ")
+        _close(f"{what} step {step + 1}: head gradient", grad, ref_grad)
+        for pfc in heads.values():
+            pfc.step(1e-3 if adamw else 0.1)
+        state, ref_state = (pfc.state_dict() for pfc in heads.values())
+        assert state.keys() == ref_state.keys(), f"{what}: state keys {sorted(state)} != {sorted(ref_state)}"
+        for name, ref in ref_state.items():
+            if isinstance(ref, np.ndarray):
+                _close(f"{what} step {step + 1}: {name} after the step", state[name], ref)
             else:
-                assert a[name] == b[name], f"{what}: {name} {a[name]} != {b[name]} after step {k + 1}"
+                assert state[name] == ref, f"{what}: {name} {state[name]} != {ref} after step {step + 1}"
+        heads["paddle"].set_state_dict(ref_state)
+
+
+def _close(what: str, ours: Any, ref: Any) -> None:
+    """Within TOLERANCE relative (arrays: of the reference's largest entry)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    err, scale = float(np.abs(ours - ref).max(initial=0.0)), float(np.abs(ref).max(initial=0.0))
+    assert err <= TOLERANCE * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
 def batches(rng: np.random.Generator, count: int, batch: int, dim: int, num_classes: int,

@@ -11,7 +11,7 @@ from losses import CombinedMarginLoss
 from partial_fc import PartialFC, init_centres
 from pfc import sampling
 from tests.host_reads import HostReadError, forbid_host_reads
-from tests.pfc_backends import PASSES, STEPS, batches, cases, compare, run
+from tests.pfc_backends import PASSES, STEPS, batches, cases, compare_backends
 
 C, D, B = 40, 16, 12
 
@@ -21,7 +21,15 @@ def test_paddle_backend_equals_numpy_backend(case: dict) -> None:
     centres = np.empty((C, D), np.float32)
     init_centres(centres, 0, seed=11)
     data = batches(np.random.default_rng(0), STEPS * PASSES, B, D, C, near=centres)
-    compare(run("paddle", case, data, D, C), run("numpy", case, data, D, C), str(case))
+    compare_backends(case, data, D, C)
+
+
+@pytest.mark.parametrize("case", cases()[::5], ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_single_pass_steps_in_blocks_equal_numpy_backend(monkeypatch: pytest.MonkeyPatch, case: dict) -> None:
+    """One backward pass per step: the update runs in blocks of rows (here 3, to cross block boundaries)."""
+    monkeypatch.setattr("pfc.paddle_head._STEP_ROWS", 3)
+    data = batches(np.random.default_rng(1), STEPS, B, D, C)
+    compare_backends(case, data, D, C, passes=1)
 
 
 def test_the_two_samplers_draw_the_same_classes() -> None:
