@@ -6,8 +6,12 @@ Per network, interleaved repetition by repetition so that load from other jobs h
 - train: one step = forward + backward + momentum-SGD step of backbone + a Linear(512, 1000) softmax head, batch 32
 - latency: eval-mode forward of one image (ms); throughput: eval-mode forward of a batch of 64 (images/s)
 Variants: `paddle` (this project's dygraph), `paddle-F.prelu` (same with Paddle's own PReLU kernel, --plain),
-`torch` (tests/torch_reference.py with torch's eager CPU kernels, skipped if torch is missing). Medians are printed
-as a table, ratios against `paddle`, and one JSON line.
+`paddle-inference` (--exported: inference only, the model exported by tools/export.py run by Paddle Inference with
+oneDNN), `torch` (tests/torch_reference.py, or tests/torch_vit_reference.py for the ViTs, with torch's eager CPU
+kernels; skipped if torch is missing). Medians are printed as a table, ratios against `paddle`, and one JSON line.
+
+    python bench/backbones.py --networks vit_t --exported --steps 3 --threads 2
+    python bench/backbones.py --memory --networks vit_t,r50 --batch-size 32   # peak memory, recompute off / on
 """
 
 from __future__ import annotations
@@ -75,9 +79,10 @@ def torch_runner(name: str, batch: int) -> dict[str, Callable[[], None]]:
     import torch
 
     from tests.torch_reference import get_torch_model
+    from tests.torch_vit_reference import VITS, get_torch_vit
 
     torch.manual_seed(0)
-    model = get_torch_model(name)
+    model = get_torch_vit(name) if name in VITS else get_torch_model(name)
     head = torch.nn.Linear(512, CLASSES)
     optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(0)
@@ -101,6 +106,70 @@ def torch_runner(name: str, batch: int) -> dict[str, Callable[[], None]]:
         return run
 
     return {"train": train, "latency": infer(x[:1]), "throughput": infer(x64)}
+
+
+def exported_runner(name: str, threads: int) -> dict[str, Callable[[], None]]:
+    """Inference tasks of the model as deployed: tools/export.py's Paddle Inference export (random weights)."""
+    import tempfile
+
+    import numpy as np
+    import paddle
+
+    from backbones import get_model
+    from tools.export import export
+    from utils.embedder import PaddleInferenceEmbedder
+
+    paddle.seed(0)
+    directory = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    weights = directory / "weights.pdparams"
+    paddle.save(get_model(name).state_dict(), str(weights))
+    export(name, weights, directory / "exported", ("paddle",))
+    predictor = PaddleInferenceEmbedder(directory / "exported", threads=threads)
+    rng = np.random.default_rng(0)
+    x1, x64 = (rng.normal(size=(n, 3, 112, 112)).astype(np.float32) for n in (1, 64))
+    return {"latency": lambda: predictor.forward(x1), "throughput": lambda: predictor.forward(x64)}
+
+
+def step_memory(name: str, batch: int, recompute: bool) -> dict[str, float]:
+    """Resident memory (MB) after building `name`, and the process peak over one training step (a fresh process)."""
+    import resource
+
+    import numpy as np
+    import paddle
+
+    from backbones import get_model
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    paddle.seed(0)
+    model = get_model(name, recompute=recompute)
+    head = paddle.nn.Linear(512, CLASSES)
+    optimizer = paddle.optimizer.Momentum(0.1, 0.9, parameters=model.parameters() + head.parameters())
+    x = paddle.to_tensor(np.random.default_rng(0).normal(size=(batch, 3, 112, 112)).astype(np.float32))
+    y = paddle.to_tensor(np.zeros(batch, np.int64))
+    before = rss_mb()
+    paddle.nn.functional.cross_entropy(head(model(x)), y).backward()
+    optimizer.step()
+    return {"built_mb": before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def memory_table(networks: list[str], batch: int, threads: int) -> None:
+    """Peak memory of one training step without and with recompute, each in its own process."""
+    import subprocess
+
+    print(f"# batch {batch}: resident MB after building the model, peak MB over one training step, and the step's "
+          f"increase (activations + gradients + optimizer state)")
+    print(f"{'network':<10}{'recompute':>10}{'built MB':>10}{'peak MB':>10}{'step MB':>10}", flush=True)
+    for name in networks:
+        for recompute in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", name, "--batch-size", str(batch),
+                                  "--threads", str(threads), *(["--recompute"] if recompute else [])],
+                                 capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{name:<10}{recompute!s:>10}{r['built_mb']:>10.0f}{r['peak_mb']:>10.0f}"
+                  f"{r['peak_mb'] - r['built_mb']:>10.0f}", flush=True)
 
 
 def profile_step(name: str, batch: int) -> None:
@@ -161,12 +230,13 @@ def bench_network(name: str, variants: dict[str, dict[str, Callable[[], None]]],
     repeats = {"train": steps, "latency": latency_runs, "throughput": max(1, steps // 2)}
     result: dict[str, dict[str, float]] = {v: {} for v in variants}
     for task, count in repeats.items():
-        samples: dict[str, list[float]] = {v: [] for v in variants}
-        for runner in variants.values():
-            runner[task]()  # warm-up
+        runners = {v: r[task] for v, r in variants.items() if task in r}  # an exported model does not train
+        samples: dict[str, list[float]] = {v: [] for v in runners}
+        for run in runners.values():
+            run()  # warm-up
         for _ in range(count):
-            for variant, runner in variants.items():
-                samples[variant].append(timed(runner[task], clock))
+            for variant, run in runners.items():
+                samples[variant].append(timed(run, clock))
         for variant, values in samples.items():
             result[variant][task] = statistics.median(values)
     return result
@@ -184,10 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=float, default=1.0, help="channel width (< 1: Paddle only, no torch)")
     parser.add_argument("--plain", action="store_true", help="also time Paddle's own PReLU kernel (F.prelu)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch reference")
+    parser.add_argument("--exported", action="store_true",
+                        help="also time inference of the model exported for Paddle Inference (oneDNN)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with the process CPU clock (with --threads 1: robust on a machine shared with "
                              "other jobs, where wall time measures the scheduler)")
     parser.add_argument("--micro", action="store_true", help="instead: single-layer timings (PReLU kernels, convs)")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak memory of one training step without and with --recompute")
+    parser.add_argument("--memory-child", metavar="NETWORK", help=argparse.SUPPRESS)  # one --memory measurement
+    parser.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: paddle.profiler operator table of one Paddle training step")
     args = parser.parse_args(argv)
@@ -213,13 +289,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.micro:
         micro()
         return
+    if args.memory_child:
+        print(json.dumps(step_memory(args.memory_child, args.batch_size, args.recompute)))
+        return
+    if args.memory:
+        memory_table(networks, args.batch_size, args.threads)
+        return
     if args.profile:
         for name in networks:
             profile_step(name, args.batch_size)
         return
     clock = time.process_time if args.cpu_time else time.perf_counter
     rows = []
-    header = (f"{'network':<10}{'variant':<16}{'train step s':>13}{'img/s':>8}{'latency b1 ms':>15}"
+    header = (f"{'network':<10}{'variant':<17}{'train step s':>13}{'img/s':>8}{'latency b1 ms':>15}"
               f"{'b64 img/s':>11}   speed vs paddle (train / b1 / b64)")
     print(f"# paddle {paddle.__version__}" + (f", torch {torch.__version__}" if torch else "")
           + f", {args.threads} threads, batch {args.batch_size}, width {args.width}, "
@@ -230,16 +312,19 @@ def main(argv: list[str] | None = None) -> None:
         variants = {"paddle": paddle_runner(name, args.batch_size, numpy_prelu=True, width=args.width)}
         if args.plain:
             variants["paddle-F.prelu"] = paddle_runner(name, args.batch_size, numpy_prelu=False, width=args.width)
+        if args.exported and args.width == 1.0:
+            variants["paddle-inference"] = exported_runner(name, args.threads)
         if torch is not None and args.width == 1.0:
             variants["torch"] = torch_runner(name, args.batch_size)
         result = bench_network(name, variants, args.steps, args.latency_runs, clock)
         base = result["paddle"]
         for variant, r in result.items():
-            ratios = " / ".join(f"{base[t] / r[t]:.2f}x" for t in ("train", "latency", "throughput"))
-            print(f"{name:<10}{variant:<16}{r['train']:>13.2f}{args.batch_size / r['train']:>8.1f}"
-                  f"{r['latency'] * 1e3:>15.1f}{64 / r['throughput']:>11.1f}   {ratios}", flush=True)
-            rows.append({"network": name, "variant": variant, "train_step_s": round(r["train"], 4),
-                         "latency_b1_ms": round(r["latency"] * 1e3, 2),
+            ratios = " / ".join(f"{base[t] / r[t]:.2f}x" if t in r else "-" for t in ("train", "latency", "throughput"))
+            train = f"{r['train']:>13.2f}{args.batch_size / r['train']:>8.1f}" if "train" in r else f"{'-':>13}{'-':>8}"
+            print(f"{name:<10}{variant:<17}{train}{r['latency'] * 1e3:>15.1f}{64 / r['throughput']:>11.1f}   {ratios}",
+                  flush=True)
+            rows.append({"network": name, "variant": variant, "train_step_s": round(r["train"], 4) if "train" in r
+                         else None, "latency_b1_ms": round(r["latency"] * 1e3, 2),
                          "throughput_b64_img_s": round(64 / r["throughput"], 2)})
         del variants
     print(json.dumps({"bench": "backbones", "threads": args.threads, "batch_size": args.batch_size, "width": args.width,

@@ -19,6 +19,8 @@ from paddle_pretrainedmodel.convert_torch import ConversionError, convert_state_
 from paddle_pretrainedmodel.convert_torch import main as convert_main
 from tests.conftest import ROOT
 from tests.torch_reference import get_torch_model, randomize
+from tests.torch_vit_reference import get_torch_vit
+from tests.torch_vit_reference import randomize as randomize_vit
 from utils.safe_pickle import UnsafePickleError, load_paddle_state
 
 CONVERTER = ROOT / "paddle_pretrainedmodel" / "convert_torch.py"
@@ -83,6 +85,17 @@ def convert_in_process(capsys: pytest.CaptureFixture, *args: str | Path) -> tupl
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_converts_a_vit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--network vit_t` on an arcface_torch ViT state dict: the converted model gives its embeddings."""
+    reference = randomize_vit(get_torch_vit("vit_t"), seed=6)
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    code, err = convert_in_process(capsys, "--network", "vit_t", "--input", tmp_path / "model.pt",
+                                   "--output", tmp_path / "vit_t.pdparams")
+    assert code == 0, err
+    assert embeddings_diff(reference, load_paddle_state(tmp_path / "vit_t.pdparams"), "vit_t") <= TOLERANCE
 
 
 def test_other_architecture_lists_keys_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

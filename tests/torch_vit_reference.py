@@ -101,16 +101,13 @@ class FaceViT(nn.Module):
         masked = self.training and self.masks
         if masked:
             order = torch.argsort(torch.rand(b, n) if noise is None else noise, dim=1)
-            kept = order[:, :int(n * 0.9)]
-            x = torch.stack([x[i, kept[i]] for i in range(b)])
+            kept = order[:, :int(n * 0.9)].unsqueeze(-1).expand(-1, -1, d)
+            x = torch.gather(x, 1, kept)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
         if masked:  # kept tokens back at their places, the mask token everywhere else
-            full = self.mask_token.expand(b, n, d).clone()
-            for i in range(b):
-                full[i, kept[i]] = x[i]
-            x = full
+            x = self.mask_token.expand(b, n, d).scatter(1, kept, x)
         return self.feature(x.reshape(b, n * d))
 
 
