@@ -39,6 +39,7 @@ _FRAME = struct.Struct("<II")  # magic, lrecord
 _LENGTH_BITS = 29
 _MAX_LENGTH = (1 << _LENGTH_BITS) - 1
 _IR = struct.Struct("<IfQQ")  # flag, label, id, id2 -- mxnet's 'IfQQ' has the same 24-byte layout on every platform
+_MAX_OFFSET = 1 << 62  # keys and offsets beyond this are not from a real index (and would overflow int64)
 _OPEN_CHECK_SAMPLES = 256  # offsets whose magic is checked when an index is opened (every read checks its own)
 
 IRHeader = namedtuple("HEADER", ["flag", "label", "id", "id2"])
@@ -249,7 +250,7 @@ class MXIndexedRecordIO(MXRecordIO):
             order = np.argsort(keys, kind="stable")
             sorted_keys, self._sorted_offsets = keys[order], offsets[order]
             # keys first..first+n-1 (InsightFace sets): the offset of key k is entry k - first, no search
-            dense = len(keys) and sorted_keys[-1] - sorted_keys[0] == len(keys) - 1
+            dense = len(keys) and bool(np.all(np.diff(sorted_keys) == 1))  # no gaps and no duplicates
             self._first_key = int(sorted_keys[0]) if dense else None
             self._sorted_keys = None if dense else sorted_keys
             self._lookup = None
@@ -324,6 +325,29 @@ class MXIndexedRecordIO(MXRecordIO):
             raise ValueError(f"{self.uri} is open for writing")
         return memoryview(self._read_record(self.offset_of(idx), idx)[0])
 
+    def read_header(self, idx: Any) -> tuple[IRHeader, memoryview]:
+        """`unpack(read_idx(idx))` without the copy, with errors naming the file and key (not in mxnet)."""
+        offset = self.offset_of(idx)
+        return self._unpacked(self._read_record(offset, idx)[0], idx, offset)
+
+    def _unpacked(self, record: memoryview | bytes, key: Any, offset: int) -> tuple[IRHeader, memoryview | bytes]:
+        try:
+            return unpack(record)
+        except RecordIOError as err:
+            raise self._error(key, offset, str(err)) from None
+
+    def covers(self, start: int, stop: int) -> bool:
+        """Whether every integer key in [start, stop) is in the index (not in mxnet)."""
+        if stop <= start:
+            return True
+        if self._first_key is not None:
+            return self._first_key <= start and stop <= self._first_key + len(self._sorted_offsets)
+        if self._sorted_keys is None:
+            return False
+        lo, hi = np.searchsorted(self._sorted_keys, [start, stop])
+        inside = self._sorted_keys[lo:hi]
+        return len(inside) >= stop - start and int(np.count_nonzero(np.diff(inside))) + 1 == stop - start
+
     def read_images(self, keys: np.ndarray) -> tuple[np.ndarray, list[memoryview | bytes]]:
         """(labels, payloads) of the image records under `keys`: what `unpack(read_idx(key))` gives for each
         (the first value of a multi-float label), for a whole batch at once (not in mxnet).
@@ -345,7 +369,8 @@ class MXIndexedRecordIO(MXRecordIO):
         labels = np.where(flag == 0, label, first_of_many).astype(np.uint32).view(np.float32).astype(np.float64)
         payloads = [data[a:b] for a, b in zip(start.tolist(), end.tolist(), strict=True)]
         for j in np.flatnonzero(~plain).tolist():
-            header, payloads[j] = unpack(self._read_record(int(offsets[j]), keys[j].item())[0])
+            key, offset = keys[j].item(), int(offsets[j])
+            header, payloads[j] = self._unpacked(self._read_record(offset, key)[0], key, offset)
             labels[j] = header.label if header.flag == 0 else header.label[0]
         return labels, payloads
 
@@ -372,7 +397,7 @@ class MXIndexedRecordIO(MXRecordIO):
         offsets, and a complete last record. Every later read checks its own framing."""
         if len(offsets) == 0:
             return
-        bad = np.flatnonzero((offsets % 4 != 0) | (offsets < 0) | (offsets + 8 > self._size))
+        bad = np.flatnonzero((offsets % 4 != 0) | (offsets < 0) | (offsets > self._size - _FRAME.size))
         if len(bad):
             i = int(bad[0])
             key, off = keys[i], int(offsets[i])
@@ -395,7 +420,13 @@ class MXIndexedRecordIO(MXRecordIO):
 
 def _parse_idx(path: str, key_type: type) -> tuple[list | np.ndarray, list | np.ndarray]:
     """Read `key<TAB>offset` lines. Integer keys take a vectorised path (42M lines in seconds)."""
-    text = Path(path).read_text(encoding="utf-8")
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise RecordIOError(f"{path}: line {line} is not text (byte 0x{data[err.start]:02x}): not a RecordIO "
+                            "index (key<TAB>offset lines)") from None
     if key_type is int:
         lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
         try:
@@ -404,7 +435,9 @@ def _parse_idx(path: str, key_type: type) -> tuple[list | np.ndarray, list | np.
                 values = np.fromstring(text, dtype=np.int64, sep=" ")  # any whitespace separates
         except (ValueError, DeprecationWarning):
             values = None
-        if values is not None and len(values) == 2 * lines:
+        # NumPy saturates numbers beyond int64 silently: then the line parser says which line is wrong
+        if values is not None and len(values) == 2 * lines and not (
+                (values >= _MAX_OFFSET) | (values <= -_MAX_OFFSET)).any():
             return values[0::2], values[1::2]
     keys, offsets = [], []
     for number, line in enumerate(text.splitlines(), 1):
@@ -414,8 +447,11 @@ def _parse_idx(path: str, key_type: type) -> tuple[list | np.ndarray, list | np.
         try:
             if len(fields) != 2:
                 raise ValueError("expected 'key<TAB>offset'")
-            keys.append(key_type(fields[0]))
-            offsets.append(int(fields[1]))
+            key, offset = key_type(fields[0]), int(fields[1])
+            if not 0 <= offset < _MAX_OFFSET or (key_type is int and not -_MAX_OFFSET <= key < _MAX_OFFSET):
+                raise ValueError("number out of range")
+            keys.append(key)
+            offsets.append(offset)
         except ValueError as err:
             raise RecordIOError(f"{path}: line {number} is not 'key<TAB>offset': {line[:80]!r} ({err})") from None
     return keys, offsets
@@ -447,10 +483,16 @@ def pack(header: IRHeader | tuple, s: bytes) -> bytes:
 
 
 def unpack(s: bytes) -> tuple[IRHeader, bytes]:
-    """Record bytes -> (IRHeader, payload). With flag > 0 the label is a float32 array of `flag` values."""
+    """Record bytes -> (IRHeader, payload). With flag > 0 the label is a float32 array of `flag` values.
+    A record too short for its header raises RecordIOError (mxnet: struct.error)."""
+    if len(s) < _IR.size:
+        raise RecordIOError(f"a record of {len(s)} bytes is shorter than the {_IR.size}-byte IRHeader")
     header = IRHeader(*_IR.unpack_from(s))
     s = s[_IR.size:]
     if header.flag > 0:
+        if len(s) < 4 * header.flag:
+            raise RecordIOError(f"IRHeader flag {header.flag} needs {4 * header.flag} bytes of labels, the record "
+                                f"has {len(s)} after its header")
         header = header._replace(label=np.frombuffer(s, np.float32, header.flag))
         s = s[header.flag * 4:]
     return header, s

@@ -309,3 +309,44 @@ def test_malformed_idx_line_and_missing_files(copy_dir):
         MXRecordIO(copy_dir / "nope.rec", "r")
     with pytest.raises(ValueError, match="flag"):
         MXRecordIO(copy_dir / "train.rec", "a")
+
+
+def test_binary_junk_idx_names_the_file_and_line(copy_dir):
+    """Was: `'utf-8' codec can't decode byte 0x9e ...` with no file name."""
+    lines = (copy_dir / "train.idx").read_bytes().split(b"\n")
+    (copy_dir / "train.idx").write_bytes(b"\n".join([*lines[:4], b"\x9e\x07junk\xff", *lines[4:]]))
+    with pytest.raises(RecordIOError, match=r"train\.idx: line 5 is not text \(byte 0x9e\): not a RecordIO index"):
+        open_fixture(copy_dir)
+
+
+@pytest.mark.parametrize("line", [b"5\t99999999999999999999999", b"99999999999999999999999\t0", b"5\t-8"])
+def test_idx_numbers_beyond_int64_or_negative_are_refused(copy_dir, line):
+    (copy_dir / "train.idx").write_bytes((copy_dir / "train.idx").read_bytes() + line + b"\n")
+    with pytest.raises(RecordIOError, match=r"train\.idx: (line 74|key \d+ has offset)"):
+        open_fixture(copy_dir)
+
+
+def test_short_records_raise_recordio_errors_naming_file_and_key(tmp_path):
+    """Was: a bare struct.error (`unpack_from requires a buffer of at least 24 bytes`)."""
+    with MXIndexedRecordIO(tmp_path / "s.idx", tmp_path / "s.rec", "w") as writer:
+        writer.write_idx(1, b"short")
+        writer.write_idx(2, recordio.pack(IRHeader(0, [1.0, 2.0, 3.0], 2, 0), b"")[:30])
+    reader = MXIndexedRecordIO(tmp_path / "s.idx", tmp_path / "s.rec", "r")
+    for key, message in ((1, "a record of 5 bytes is shorter than the 24-byte IRHeader"),
+                         (2, "IRHeader flag 3 needs 12 bytes of labels, the record has 6")):
+        with pytest.raises(RecordIOError, match=rf"s\.rec key {key} at offset \d+: {message}"):
+            reader.read_images(np.array([key]))
+        with pytest.raises(RecordIOError, match=rf"s\.rec key {key} at offset \d+: {message}"):
+            reader.read_header(key)
+        with pytest.raises(RecordIOError, match=message):
+            recordio.unpack(reader.read_idx(key))
+
+
+def test_dense_lookup_needs_distinct_keys(tmp_path):
+    """Keys 0, 1, 1, 3 span 4 entries without key 2: key 2 must be missing, not another record."""
+    with MXIndexedRecordIO(tmp_path / "d.idx", tmp_path / "d.rec", "w") as writer:
+        for key in (0, 1, 1, 3):
+            writer.write_idx(key, recordio.pack(IRHeader(0, float(key), key, 0), b"x"))
+    reader = MXIndexedRecordIO(tmp_path / "d.idx", tmp_path / "d.rec", "r")
+    assert 2 not in reader and recordio.unpack(reader.read_idx(3))[0].label == 3.0
+    assert reader.covers(0, 2) and not reader.covers(0, 4) and reader.covers(3, 4) and reader.covers(5, 5)
