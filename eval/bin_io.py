@@ -2,7 +2,7 @@
 
 A `.bin` is a pickle of `(bins, issame_list)`: 2N encoded images (pair i is images 2i and 2i+1) and N
 bools. Three kinds exist in the wild and all load here: Python-2 pickles of `str`, Python-3 pickles of
-`bytes`, and pickles of NumPy uint8 arrays (numpy 1 or numpy 2 module names). Files are read with the
+`bytes`, and pickles of NumPy uint8 arrays, 1-D or (n, 1) (numpy 1 or numpy 2 module names). Files are read with the
 restricted unpickler: a crafted file raises `UnsafePickleError` and runs nothing. Types and counts are
 checked before anything is decoded.
 """
@@ -43,12 +43,16 @@ class BinSet:
 
 
 def _as_bytes(item: object, index: int, path: Path) -> bytes:
+    """An image's encoded bytes: bytes, or a uint8 array holding them in any vector shape -- (n,), or (n, 1) as
+    `cv2.imencode` returns and InsightFace's own small_lfw.bin stores. An array with two or more dimensions
+    longer than 1 holds pixels, not an encoded image, and is refused."""
     if isinstance(item, (bytes, bytearray)):
         return bytes(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and sum(n > 1 for n in item.shape) <= 1:
         return item.tobytes()
     what = f"{type(item).__name__}" + (f" {item.dtype} {item.shape}" if isinstance(item, np.ndarray) else "")
-    raise ValueError(f"{path}: image {index} is a {what}; expected encoded image bytes or a 1-D uint8 array")
+    raise ValueError(f"{path}: image {index} is a {what}; expected encoded image bytes (bytes, or a uint8 array "
+                     "of shape (n,) or (n, 1))")
 
 
 def parse_bin(data: bytes, path: str | Path = "<bytes>") -> tuple[list[bytes], np.ndarray]:

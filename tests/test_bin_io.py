@@ -5,7 +5,10 @@ The Python-2 and numpy-1 kinds cannot be written by this interpreter, so they ar
   BINSTRING/SHORT_BINSTRING for each image, APPENDS, NEWTRUE/NEWFALSE, TUPLE2, STOP, with BINPUT memo ops as
   Python 2 writes them); `pickletools.dis` accepts it.
 - numpy 1: a protocol-2 pickle of numpy-2 arrays names its globals as text lines (`GLOBAL 'module\\nname\\n'`,
-  no length prefix), so replacing `numpy._core.` with `numpy.core.` yields exactly what numpy 1 writes.
+  no length prefix), so replacing `numpy._core.` with `numpy.core.` yields exactly what numpy 1 writes. At
+  protocols 4 and 5 the names are length-prefixed strings inside frames: `_numpy1_names` re-encodes each string
+  that names `numpy._core...` and re-frames the pickle (pickletools.optimize), which is again what numpy 1
+  writes for the same arrays (numpy 1 reduces arrays exactly as numpy 2 does, under the old module name).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import pickletools
 import struct
 import subprocess
 import sys
+import warnings
 
 import cv2
 import numpy as np
@@ -73,6 +77,54 @@ def _kinds(bins: list[bytes]) -> dict[str, bytes]:
         "numpy1_reconstruct": numpy1_reconstruct.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"),
         "numpy1_frombuffer": numpy1_frombuffer.replace(b"numpy._core.numeric\n", b"numpy.core.numeric\n"),
     }
+
+
+def _numpy1_names(data: bytes) -> bytes:
+    """A protocol 4/5 pickle written by numpy 2, as numpy 1 writes it: `numpy.core.*` instead of `numpy._core.*`."""
+    ops = list(pickletools.genops(data))
+    out = bytearray()
+    for (op, arg, pos), (_, _, end) in zip(ops, [*ops[1:], (None, None, len(data))], strict=True):
+        if op.name == "FRAME":
+            continue  # re-framed below
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE") and arg.startswith("numpy._core"):
+            name = arg.replace("numpy._core", "numpy.core", 1).encode()
+            short = op.name == "SHORT_BINUNICODE"
+            out += (b"\x8c" + bytes([len(name)]) if short else b"X" + struct.pack("<I", len(name))) + name
+        else:
+            out += data[pos:end]
+    return pickletools.optimize(bytes(out))
+
+
+def _column_kinds(bins: list[bytes]) -> dict[str, bytes]:
+    """(n, 1) uint8 arrays, as cv2.imencode returns them and InsightFace's small_lfw.bin stores them."""
+    columns = [np.frombuffer(b, np.uint8).reshape(-1, 1) for b in bins]
+    protocol2 = pickle.dumps((columns, ISSAME), protocol=2)
+    return {
+        "numpy2_reconstruct": pickle.dumps((columns, ISSAME), protocol=4),
+        "numpy2_frombuffer": pickle.dumps((columns, ISSAME), protocol=5),
+        "numpy1_reconstruct_protocol2": protocol2.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"),
+        "numpy1_reconstruct_protocol4": _numpy1_names(pickle.dumps((columns, ISSAME), protocol=4)),
+        "numpy1_frombuffer_protocol5": _numpy1_names(pickle.dumps((columns, ISSAME), protocol=5)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["numpy2_reconstruct", "numpy2_frombuffer", "numpy1_reconstruct_protocol2",
+                                  "numpy1_reconstruct_protocol4", "numpy1_frombuffer_protocol5"])
+def test_column_arrays_of_encoded_bytes_read_like_bytes(kind, images, tmp_path):
+    """Was: `image 0 is a ndarray uint8 (4996, 1); expected encoded image bytes or a 1-D uint8 array`."""
+    data = _column_kinds(images)[kind]
+    pickletools.dis(data, out=open(tmp_path / "dis.txt", "w"))  # noqa: SIM115 -- a well-formed pickle
+    if kind.startswith("numpy1"):
+        assert b"numpy._core" not in data and b"numpy.core." in data
+    with warnings.catch_warnings():  # numpy 2 still reads numpy 1's names (with a DeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        columns, _ = pickle.loads(data)  # the real unpickler: the file is what numpy writes
+    assert [c.shape for c in columns] == [(len(b), 1) for b in images]
+    path = tmp_path / f"{kind}.bin"
+    path.write_bytes(data)
+    bins, issame = read_bin(path)
+    assert bins == images and issame.tolist() == ISSAME
+    np.testing.assert_array_equal(load_bin(path, progress=False).images[0], decode_rgb(images[0]))
 
 
 _EXPECTED_GLOBAL = {"python3_bytes": None, "python2_str": None,
@@ -138,6 +190,8 @@ def test_write_bin_is_a_python3_bytes_pickle_and_atomic(images, tmp_path):
     (lambda b: ([], []), r"no pairs"),
     (lambda b: ([*b[:-1], 7], ISSAME), r"image 5 is a int"),
     (lambda b: ([*b[:-1], np.zeros((2, 2), np.uint8)], ISSAME), r"image 5 is a ndarray uint8 \(2, 2\)"),
+    (lambda b: ([*b[:-1], np.zeros((112, 112, 3), np.uint8)], ISSAME), r"image 5 is a ndarray uint8 \(112, 112, 3\)"),
+    (lambda b: ([*b[:-1], np.zeros((9, 1), np.int16)], ISSAME), r"image 5 is a ndarray int16 \(9, 1\)"),
     (lambda b: (b, [True, "yes", False]), r"issame\[1\] = 'yes' is not a bool"),
     (lambda b: {"bins": b}, r"expected a pickle of \(bins, issame_list\), found dict"),
     (lambda b: (b, ISSAME, 1), r"found tuple of length 3"),
