@@ -12,8 +12,11 @@ rank, and a `state_dict()` that resumes exactly at the next unconsumed batch.
 
 Images that are not 112x112 are resized (with one warning per dataset and process): aligned crops of another
 size (128x128 folders, rec2images output of other sets) scale to the ArcFace template exactly. `strict=True`
-turns that, and undecodable payloads, into errors; by default an undecodable image is reported with its key
-and replaced by the next decodable sample, so one bad record in 5M does not stop a week-long run.
+turns that, and bad samples, into errors; by default a bad sample (a misframed or truncated record, a header
+too short, a non-integer label, an unreadable file, an undecodable image) is reported with its file and key and
+replaced by a good one drawn from across the set, so one bad record in 5M does not stop a week-long run and a
+damaged stretch of a file does not cascade. A label outside [0, num_classes) stays an error: it means the
+class count is wrong, which no substitute fixes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Callable
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +43,13 @@ import numpy as np
 import paddle
 from paddle.utils.dlpack import from_dlpack
 
-from mxnet_reader.recordio import MXIndexedRecordIO, RecordIOError, unpack
+from mxnet_reader.recordio import MXIndexedRecordIO, RecordIOError
 from utils.image import INPUT_SIZE, decode_or_none, preprocess, preprocess_batch
+from utils.label_file import LabelListing, read_label_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_MAX_SUBSTITUTES = 64  # consecutive undecodable samples tolerated before giving up
+_MAX_SUBSTITUTES = 64  # samples tried in place of a bad one before the set is called corrupt
+_CLASS_SLACK = 1024  # inferred num_classes may exceed twice the labels present by this much (see _plausible_classes)
 _IMAGE_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
 _SPARE_ARRAYS = 2  # batch arrays kept for reuse per shape: one in training, one being filled (see _RecycledArrays)
 
@@ -114,38 +120,51 @@ class FaceDataset(paddle.io.Dataset):
         payloads, labels[:len(indices)] = self._checked_samples(indices)
         flips = flip_mask(self.seed, epoch, indices).tolist() if self.train else [False] * len(indices)
         for j, (payload, flip, out) in enumerate(zip(payloads, flips, images[:len(indices)], strict=True)):
-            image = decode_or_none(payload, out=out)
+            image = None if isinstance(payload, Exception) else decode_or_none(payload, out=out)
             if image is None or image.shape != _IMAGE_SHAPE:
-                image, labels[j] = self._repaired(int(indices[j]), image, int(labels[j]))
+                image, labels[j] = self._repaired(int(indices[j]), image, payload, int(labels[j]))
             if image is not out:
                 out[...] = image
             if flip:
                 cv2.flip(out, 1, dst=out)
 
-    def _checked_samples(self, indices: np.ndarray) -> tuple[list[bytes | memoryview], np.ndarray]:
+    def _checked_samples(self, indices: np.ndarray) -> tuple[list[bytes | memoryview | Exception], np.ndarray]:
+        """_samples, with the labels of the readable ones checked against num_classes."""
         payloads, labels = self._samples(indices)
-        outside = (labels < 0) | (labels >= self.num_classes)
+        readable = np.array([not isinstance(p, Exception) for p in payloads], dtype=bool)
+        outside = readable & ((labels < 0) | (labels >= self.num_classes))
         if outside.any():
             j = int(np.flatnonzero(outside)[0])
             raise ValueError(f"{self.source}: {self._name(int(indices[j]))} has label {labels[j]} outside "
                              f"[0, {self.num_classes}) (pass num_classes= or fix the property file)")
         return payloads, labels
 
-    def _repaired(self, index: int, image: np.ndarray | None, label: int) -> tuple[np.ndarray, int]:
+    def _repaired(self, index: int, image: np.ndarray | None, payload: Any, label: int) -> tuple[np.ndarray, int]:
         """(image, label) for sample `index`, whose payload did not decode to an input-size image: resized, or
-        the next decodable sample in its place (both errors when strict)."""
-        i = index
-        for _ in range(_MAX_SUBSTITUTES):
-            if image is not None:
-                return self._resized(image, i), label
-            if self.strict:
-                raise ValueError(f"{self.source}: {self._name(i)} is not a decodable image")
-            warnings.warn(f"{self.source}: {self._name(i)} is not a decodable image; using sample "
-                          f"{(i + 1) % self._length} instead", stacklevel=4)
-            i = (i + 1) % self._length
+        a good sample in its place (both errors when strict). `payload` is the exception of an unreadable one."""
+        if image is not None:
+            return self._resized(image, index), label
+        problem = payload if isinstance(payload, Exception) else ValueError(
+            f"{self.source}: {self._name(index)} is not a decodable image")
+        if self.strict:
+            raise problem
+        for i in self._substitutes(index):
             payloads, labels = self._checked_samples(np.array([i]))
-            image, label = decode_or_none(payloads[0]), int(labels[0])
-        raise ValueError(f"{self.source}: {_MAX_SUBSTITUTES} consecutive samples from index {index} are undecodable")
+            image = None if isinstance(payloads[0], Exception) else decode_or_none(payloads[0])
+            if image is not None:
+                warnings.warn(f"{problem}; using sample {i} ({self._name(i)}) instead", stacklevel=4)
+                return self._resized(image, i), int(labels[0])
+        raise ValueError(f"{problem}; and none of the {_MAX_SUBSTITUTES} samples tried in its place is readable "
+                         f"either: {self.source} looks corrupt (tools/check_dataset.py lists the bad samples)")
+
+    def _substitutes(self, index: int) -> list[int]:
+        """The samples tried in place of bad sample `index`: spread over the whole set by a hash of (seed, index),
+        so a damaged stretch of a file is not searched record by record, and the same in every worker."""
+        if self._length < 2:
+            return []
+        salt = _mix64(np.array([(self.seed & 0xFFFFFFFF) << 32 | index & 0xFFFFFFFF], dtype=np.uint64))
+        draws = _mix64(salt ^ np.arange(_MAX_SUBSTITUTES, dtype=np.uint64)) % np.uint64(self._length - 1)
+        return ((index + 1 + draws.astype(np.int64)) % self._length).tolist()
 
     def _resized(self, image: np.ndarray, index: int) -> np.ndarray:
         """A decoded image, resized to the input size if it has another (an error when strict)."""
@@ -192,19 +211,28 @@ class RecordIODataset(FaceDataset):
         self._reader = MXIndexedRecordIO(idx, rec, "r")
         self._keys, identities = self._image_keys()
         if num_classes is None:
-            num_classes = _read_property(root) or identities or self._scan_num_classes()
+            num_classes = self._property_classes(root, identities) or identities or self._scan_num_classes()
         self._finish(num_classes)
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _samples(self, indices: np.ndarray) -> tuple[list[memoryview | bytes], np.ndarray]:
+    def _samples(self, indices: np.ndarray) -> tuple[list[memoryview | bytes | RecordIOError], np.ndarray]:
+        """Payloads are views of the mapped file (no copies); a bad record's payload is its RecordIOError."""
         keys = self._keys[indices] if isinstance(self._keys, np.ndarray) else indices + self._keys.start
-        labels, payloads = self._reader.read_images(keys)  # payloads are views of the mapped file: no copies
-        fractional = labels != np.floor(labels)
-        if fractional.any():
-            j = int(np.flatnonzero(fractional)[0])
-            raise ValueError(f"{self.source}: {self._name(int(indices[j]))} has a non-integer label {labels[j]}")
+        try:
+            labels, payloads = self._reader.read_images(keys)
+        except RecordIOError:  # a bad record in the batch: read them one by one to tell which
+            labels, payloads = np.zeros(len(keys)), []
+            for j in range(len(keys)):
+                try:
+                    labels[j:j + 1], (payload,) = self._reader.read_images(keys[j:j + 1])
+                except RecordIOError as err:
+                    payload = err
+                payloads.append(payload)
+        for j in np.flatnonzero(~np.isfinite(labels) | (labels != np.floor(labels))).tolist():
+            payloads[j] = RecordIOError(f"{self._reader.uri} key {keys[j]}: label {labels[j]} is not an integer")
+        labels[[isinstance(p, Exception) for p in payloads]] = 0
         return payloads, labels.astype(np.int64)
 
     def _name(self, index: int) -> str:
@@ -214,10 +242,18 @@ class RecordIODataset(FaceDataset):
         """(keys of the image records, number of identity records or None)."""
         reader = self._reader
         if 0 in reader:
-            header, payload = unpack(reader.read_idx(0))
+            header, payload = reader.read_header(0)
             if header.flag >= 2 and not payload:
-                first_identity = self._pinned_bound(float(header.label[0]), self._is_header_record, "image")
-                end = self._pinned_bound(float(header.label[1]), lambda k: k not in reader, "identity")
+                first, end = (float(x) for x in header.label[:2])
+                top = int(reader.key_array.max()) + 1
+                if not 1 <= first <= end <= top + np.spacing(np.float32(top)):  # NaN fails too
+                    raise RecordIOError(f"{reader.uri} key 0: the header record's key range [{first:.0f}, {end:.0f})"
+                                        f" is not inside the index {reader.idx_path} (keys end at {top - 1})")
+                first_identity = self._pinned_bound(first, self._is_header_record, "image")
+                end = self._pinned_bound(end, lambda k: k not in reader, "identity")
+                if not reader.covers(1, first_identity):
+                    raise RecordIOError(f"{reader.idx_path}: the header record 0 says keys 1..{first_identity - 1} "
+                                        "are images, but some of them are not in the index")
                 return range(1, first_identity), end - first_identity
         return reader.key_array, None
 
@@ -225,7 +261,7 @@ class RecordIODataset(FaceDataset):
         """Identity (and header) records carry a label range and no image; keys past the index count too."""
         if key not in self._reader:
             return True
-        header, payload = unpack(self._reader.read_idx(key))
+        header, payload = self._reader.read_header(key)
         return header.flag >= 2 and not payload
 
     def _pinned_bound(self, approx: float, is_past: Callable[[int], bool], what: str) -> int:
@@ -235,13 +271,28 @@ class RecordIODataset(FaceDataset):
                                 f"{approx:.0f}, but the index and records disagree within float32 rounding of it")
         return bound
 
+    def _property_classes(self, root: Path, identities: int | None) -> int | None:
+        """num_classes from the `property` file, unless it is far more than the identity records (or images)."""
+        declared = _read_property(root)
+        present = identities or len(self._keys)
+        if declared is not None and not _plausible_classes(declared, present):
+            raise ValueError(f"{root / 'property'}: {declared} classes, but the set has only {present} "
+                             f"{'identities' if identities else 'images'}; fix the file or pass num_classes=")
+        return declared
+
     def _scan_num_classes(self) -> int:
-        """No header record and no property file: the largest label + 1 over every record (one pass)."""
-        top = -1
-        for key in self._keys:
-            header, _ = unpack(self._reader.read_idx(int(key)))
-            top = max(top, int(header.label if header.flag == 0 else header.label[0]))
-        return top + 1
+        """No header record and no property file: the largest label + 1 over every record (one pass), checked
+        against the number of distinct labels. Unreadable records are skipped here (training reports them)."""
+        labels = []
+        for start in range(0, len(self._keys), 65536):
+            labels.append(self._samples(np.arange(start, min(start + 65536, len(self._keys))))[1])
+        labels = np.concatenate(labels)
+        j = int(np.argmax(labels))
+        distinct = len(np.unique(labels))
+        if not _plausible_classes(int(labels[j]) + 1, distinct):
+            raise ValueError(f"{self.source}: {self._name(j)} has label {labels[j]}, but the set has only {distinct} "
+                             "distinct labels; fix the record or pass num_classes=")
+        return int(labels[j]) + 1
 
 
 def exact_bound(approx: float, is_past: Callable[[int], bool]) -> int | None:
@@ -256,12 +307,18 @@ def exact_bound(approx: float, is_past: Callable[[int], bool]) -> int | None:
     return None
 
 
+def _plausible_classes(num_classes: int, present: int) -> bool:
+    """Whether an inferred class count fits the identities present: at most twice as many, plus _CLASS_SLACK
+    (small sets with gaps). A typo like label 99999999999 would otherwise size a 23 TiB classifier."""
+    return num_classes <= 2 * present + _CLASS_SLACK
+
+
 def _read_property(root: Path) -> int | None:
     """num_classes from InsightFace's `property` file (`num_classes,height,width`), if there is one."""
     path = root / "property"
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8").strip()
+    text = path.read_bytes().decode("utf-8-sig", errors="replace").strip()
     try:
         return int(text.split(",")[0])
     except ValueError:
@@ -278,14 +335,24 @@ class ImageFolderDataset(FaceDataset):
         super().__init__(str(root), train, strict, seed)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        listing = root / "label.txt"
-        self._paths, labels = _read_label_file(listing) if listing.is_file() else _scan_identity_folders(root)
+        listing_file = root / "label.txt"
+        listing = image_folder_listing(root)
         self._root = root
-        self._labels = np.asarray(labels, dtype=np.int64)
+        self._paths = listing.paths
+        bad = next((j for j, label in enumerate(listing.labels) if not 0 <= label < 1 << 62), None)
+        if bad is not None:
+            raise ValueError(f"{listing_file}: line {listing.lines[bad]}: label {listing.labels[bad]} is not a "
+                             "class number (0, 1, 2, ...)")
+        self._labels = np.asarray(listing.labels, dtype=np.int64)
         if num_classes is None and len(self._labels):
-            num_classes = int(self._labels.max()) + 1
+            j = int(np.argmax(self._labels))
+            num_classes, distinct = int(self._labels[j]) + 1, len(np.unique(self._labels))
+            if not _plausible_classes(num_classes, distinct):
+                raise ValueError(f"{listing_file}: line {listing.lines[j]}: label {self._labels[j]} would make "
+                                 f"{num_classes} classes, but only {distinct} distinct labels are present; number "
+                                 "the identities 0..K-1 (tools/images2rec.py does) or pass num_classes=")
         self._finish(num_classes)
-        bad = np.flatnonzero((self._labels < 0) | (self._labels >= self.num_classes))
+        bad = np.flatnonzero(self._labels >= self.num_classes)
         if len(bad):
             raise ValueError(f"{self.source}: {self._paths[bad[0]]} has label {self._labels[bad[0]]} outside "
                              f"[0, {self.num_classes})")
@@ -296,44 +363,29 @@ class ImageFolderDataset(FaceDataset):
     def _samples(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         return [self._read(int(i)) for i in indices], self._labels[indices]
 
-    def _read(self, index: int) -> bytes:
-        path = self._root / self._paths[index]
+    def _read(self, index: int) -> bytes | OSError:
+        """The file's bytes, or the error that reading it raised (a bad sample, see FaceDataset._repaired)."""
         try:
-            return path.read_bytes()
+            return (self._root / self._paths[index]).read_bytes()
         except OSError as err:
-            if self.strict:
-                raise
-            warnings.warn(f"cannot read {path}: {err}", stacklevel=4)
-            return b""  # reported again as undecodable, then replaced
+            return err
 
     def _name(self, index: int) -> str:
         return str(self._paths[index])
 
 
-def _read_label_file(path: Path) -> tuple[list[str], list[int]]:
-    paths, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.rsplit(None, 1)
-        try:
-            if len(fields) != 2:
-                raise ValueError
-            labels.append(int(fields[1]))
-        except ValueError:
-            raise ValueError(f"{path}: line {number} is not 'path<TAB>label': {line[:80]!r}") from None
-        paths.append(fields[0].strip())
-    return paths, labels
-
-
-def _scan_identity_folders(root: Path) -> tuple[list[str], list[int]]:
+def image_folder_listing(root: Path) -> LabelListing:
+    """The images of a folder: root/label.txt (utils.label_file) if there is one, else root/<identity>/<image>
+    with the identities in sorted order as labels 0..K-1 (line numbers 0)."""
+    if (root / "label.txt").is_file():
+        return read_label_file(root / "label.txt")
     paths, labels = [], []
     identities = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     for label, name in enumerate(identities):
         images = sorted(e.name for e in os.scandir(root / name) if e.name.lower().endswith(IMAGE_EXTENSIONS))
         paths.extend(f"{name}/{image}" for image in images)
         labels.extend([label] * len(images))
-    return paths, labels
+    return LabelListing(paths, labels, [0] * len(paths))
 
 
 class SyntheticFaceDataset(RecordIODataset):
@@ -450,17 +502,20 @@ class FaceDataLoader:
     Batch k goes to worker k % num_workers, so batches arrive in sampler order whatever the worker count;
     each worker has `prefetch_per_worker` batches in flight plus the one the training loop holds.
     A worker that dies or stops answering for `timeout` seconds is an error here, never a hang; `close()`
-    (or garbage collection, or interpreter exit) stops the workers. Workers need fork (Linux, macOS): where
-    there is none (Windows) batches are loaded in this process, with a warning.
+    (or garbage collection, or interpreter exit) stops the workers. `start_method` is how workers start: fork
+    where there is one (Linux; each starts in milliseconds), else spawn (Windows, macOS if asked): a spawned
+    worker imports this module (and Paddle, ~3 s) and receives the dataset pickled (the RecordIO reader maps the
+    file anew); the slots are then named shared memory instead of an anonymous map.
     """
 
     def __init__(self, dataset: FaceDataset, batch_sampler: ShardedBatchSampler, num_workers: int = 0,
-                 prefetch_per_worker: int = 2, timeout: float = 120.0) -> None:
-        if num_workers > 0 and "fork" not in multiprocessing.get_all_start_methods():
-            warnings.warn("this platform cannot fork: loading batches in the training process", stacklevel=2)
-            num_workers = 0
+                 prefetch_per_worker: int = 2, timeout: float = 120.0, start_method: str | None = None) -> None:
         self.dataset, self.batch_sampler, self.num_workers = dataset, batch_sampler, num_workers
         self.prefetch_per_worker, self.timeout = prefetch_per_worker, timeout
+        methods = multiprocessing.get_all_start_methods()
+        self.start_method = start_method or ("fork" if "fork" in methods else "spawn")
+        if self.start_method not in methods:
+            raise ValueError(f"start_method {self.start_method!r} is not available here ({', '.join(methods)})")
         self._pool: _WorkerPool | None = None
 
     def __len__(self) -> int:
@@ -500,7 +555,7 @@ class FaceDataLoader:
         `lendable` is False when the loop already holds every other one (it keeps old batches): copy it then."""
         if self._pool is None or not self._pool.close.alive:
             self._pool = _WorkerPool(self.dataset, self.batch_sampler.batch_size, self.num_workers,
-                                     self.prefetch_per_worker + 1, self.timeout)
+                                     self.prefetch_per_worker + 1, self.timeout, self.start_method)
         pool = self._pool
         generation = pool.restart()  # waits out what an abandoned iteration left in flight
         batches = iter(self.batch_sampler)
@@ -592,28 +647,69 @@ class _Lent:
 _HOST_ARRAYS = _RecycledArrays()
 
 
+class _SharedMemory(shared_memory.SharedMemory):
+    """A SharedMemory whose views may outlive it (the slot arrays, batches lent to tensors): closing it then
+    fails with BufferError, which is expected; the pages go with the last view (its descriptor at exit)."""
+
+    def __del__(self) -> None:
+        with contextlib.suppress(BufferError, OSError):
+            self.close()
+
+
+class _Slots:
+    """The batch slots: uint8 images [slot, B, H, W, 3] and int64 labels [slot, B] in one block of memory shared
+    with the workers. Under fork an anonymous map that forked workers inherit; under spawn a named
+    SharedMemory, and pickling a _Slots sends its name (a spawned worker attaches), never its contents."""
+
+    def __init__(self, num_slots: int, batch_size: int, named: bool) -> None:
+        self._layout = (num_slots, batch_size)
+        size = num_slots * batch_size * (INPUT_SIZE * INPUT_SIZE * 3 + 8)
+        self._shared = _SharedMemory(create=True, size=size) if named else None
+        self._view(self._shared.buf if named else mmap.mmap(-1, size))
+        self.images.fill(0)  # fault every page in now, not during the first batches
+
+    def _view(self, memory: Any) -> None:
+        num_slots, batch_size = self._layout
+        image_bytes = num_slots * batch_size * INPUT_SIZE * INPUT_SIZE * 3
+        self.images = np.frombuffer(memory, np.uint8, image_bytes).reshape(
+            num_slots, batch_size, INPUT_SIZE, INPUT_SIZE, 3)
+        self.labels = np.frombuffer(memory, np.int64, num_slots * batch_size, image_bytes).reshape(
+            num_slots, batch_size)
+
+    def __getstate__(self) -> dict:
+        if self._shared is None:
+            raise TypeError("anonymous slots are inherited by forked workers, not pickled")
+        return {"name": self._shared.name, "layout": self._layout}
+
+    def __setstate__(self, state: dict) -> None:
+        self._layout = state["layout"]
+        self._shared = _SharedMemory(name=state["name"])
+        self._view(self._shared.buf)
+
+    def release(self) -> None:
+        """Remove the name of named memory (the pages go with the last mapping: lent batches keep theirs)."""
+        if self._shared is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._shared.unlink()
+
+
 class _WorkerPool:
-    """Forked workers and the shared-memory slots they fill; see FaceDataLoader."""
+    """Worker processes and the shared-memory slots they fill; see FaceDataLoader."""
 
     def __init__(self, dataset: FaceDataset, batch_size: int, num_workers: int, slots_per_worker: int,
-                 timeout: float) -> None:
+                 timeout: float, start_method: str) -> None:
         self.num_workers, self.num_slots, self.timeout = num_workers, num_workers * slots_per_worker, timeout
-        image_bytes = self.num_slots * batch_size * INPUT_SIZE * INPUT_SIZE * 3
-        memory = mmap.mmap(-1, image_bytes + self.num_slots * batch_size * 8)  # anonymous, shared with forks
-        self.images = np.frombuffer(memory, np.uint8, image_bytes).reshape(
-            self.num_slots, batch_size, INPUT_SIZE, INPUT_SIZE, 3)
-        self.labels = np.frombuffer(memory, np.int64, self.num_slots * batch_size, image_bytes).reshape(
-            self.num_slots, batch_size)
-        self.images.fill(0)  # fault every page in now, not during the first batches
+        self.slots = slots = _Slots(self.num_slots, batch_size, named=start_method != "fork")
+        self.images, self.labels = slots.images, slots.labels
         self.free = collections.deque(range(self.num_slots))  # slots neither in flight nor held by the loader
         self.generation, self.submitted, self.in_flight = 0, 0, 0
-        context = multiprocessing.get_context("fork")
+        context = multiprocessing.get_context(start_method)
         self._connections, self._processes = [], []
-        self.close = weakref.finalize(self, _stop_workers, self._processes, self._connections)
+        self.close = weakref.finalize(self, _stop_workers, self._processes, self._connections, slots)
         for w in range(num_workers):
             ours, theirs = context.Pipe()
             process = context.Process(target=_worker_loop, name=f"face-loader-{w}", daemon=True,
-                                      args=(dataset, self.images, self.labels, theirs, os.getpid()))
+                                      args=(dataset, slots, theirs, os.getpid()))
             process.start()
             theirs.close()
             self._connections.append(ours)
@@ -673,8 +769,7 @@ class _WorkerPool:
                             "(out of memory? the kernel log says)")
 
 
-def _worker_loop(dataset: FaceDataset, images: np.ndarray, labels: np.ndarray, connection: Any,
-                 parent: int) -> None:
+def _worker_loop(dataset: FaceDataset, slots: _Slots, connection: Any, parent: int) -> None:
     """A worker: (slot, int64 indices as bytes, epoch) -> fill the slot -> (slot, None or the exception). Ends on
     None, on a closed pipe, or when the training process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process, which stops us
@@ -688,7 +783,7 @@ def _worker_loop(dataset: FaceDataset, images: np.ndarray, labels: np.ndarray, c
                 return
             slot, indices, epoch = task
             try:
-                dataset.load_batch(np.frombuffer(indices, np.int64), epoch, images[slot], labels[slot])
+                dataset.load_batch(np.frombuffer(indices, np.int64), epoch, slots.images[slot], slots.labels[slot])
                 connection.send((slot, None))
             except Exception as err:  # reported to the training process, which raises it
                 err.add_note(f"in loader worker pid {os.getpid()}:\n{traceback.format_exc()}")
@@ -701,7 +796,7 @@ def _worker_loop(dataset: FaceDataset, images: np.ndarray, labels: np.ndarray, c
         return
 
 
-def _stop_workers(processes: list, connections: list) -> None:
+def _stop_workers(processes: list, connections: list, slots: _Slots) -> None:
     for connection in connections:
         with contextlib.suppress(OSError):
             connection.send(None)
@@ -712,6 +807,7 @@ def _stop_workers(processes: list, connections: list) -> None:
             process.join(1.0)
     for connection in connections:
         connection.close()
+    slots.release()
 
 
 def build_dataloader(cfg: Any, rank: int, world_size: int, dataset: FaceDataset | None = None) -> FaceDataLoader:
@@ -733,5 +829,6 @@ __all__ = [
     "dataset_dir",
     "exact_bound",
     "flip_mask",
+    "image_folder_listing",
     "to_model_input",
 ]

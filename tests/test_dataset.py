@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,15 +21,18 @@ def face_like(rng: np.random.Generator, size: int = 112) -> np.ndarray:
     return cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def write_rec(root, labels, *, header=True, payloads=None, order=None, label_fn=float, size=112):
-    """An InsightFace-style train.rec/idx in face2rec2's order: images 1..n, header 0, identity records."""
+def write_rec(root, labels, *, header=True, payloads=None, records=None, order=None, label_fn=float, size=112):
+    """An InsightFace-style train.rec/idx in face2rec2's order: images 1..n, header 0, identity records.
+    `payloads` replaces the image of a key, `records` the whole record (IRHeader included)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(len(labels))
     n = len(labels)
     with MXIndexedRecordIO(root / "train.idx", root / "train.rec", "w") as writer:
         for key in order or range(1, n + 1):
             label = label_fn(labels[key - 1])
-            if payloads and key in payloads:
+            if records and key in records:
+                writer.write_idx(key, records[key])
+            elif payloads and key in payloads:
                 writer.write_idx(key, pack(IRHeader(0, label, key, 0), payloads[key]))
             else:
                 writer.write_idx(key, pack_img(IRHeader(0, label, key, 0), face_like(rng, size)))
@@ -124,15 +128,26 @@ def test_header_bounds_are_pinned_beyond_float32_precision():
     assert D.exact_bound(61.0, lambda k: k >= 61) == 61
 
 
-def test_header_that_disagrees_with_the_records_is_an_error(tmp_path):
-    root = write_rec(tmp_path / "d", [0, 0, 1, 1])
-    with MXIndexedRecordIO(root / "x.idx", root / "x.rec", "w") as writer:  # rewrite header 0 as [9, 11]
+def rewrite_header(root, label):
+    """Replace header record 0 of an InsightFace set by one with this label."""
+    with MXIndexedRecordIO(root / "x.idx", root / "x.rec", "w") as writer:
         reader = MXIndexedRecordIO(root / "train.idx", root / "train.rec", "r")
         for key in reader.keys:
-            writer.write_idx(key, pack(IRHeader(0, [9, 11], 0, 0), b"") if key == 0 else reader.read_idx(key))
+            writer.write_idx(key, pack(IRHeader(0, label, 0, 0), b"") if key == 0 else reader.read_idx(key))
     (root / "x.idx").replace(root / "train.idx")
     (root / "x.rec").replace(root / "train.rec")
-    with pytest.raises(RecordIOError, match="header record 0 puts the end of the image records at key 9"):
+
+
+@pytest.mark.parametrize("label, message", [
+    ([3, 7], r"header record 0 puts the end of the image records at key 3"),
+    ([9, 11], r"train\.rec key 0: the header record's key range \[9, 11\) is not inside the index .*keys end at 6"),
+    ([5, 3e38], r"key range \[5, 3\d+\) is not inside"),  # took forever: a search over float32 rounding of 3e38
+    ([float("nan"), 7], r"key range \[nan, 7\) is not inside"),  # was `cannot convert float NaN to integer`
+], ids=["images-end-early", "beyond-the-index", "3e38", "nan"])
+def test_header_that_disagrees_with_the_records_is_an_error(tmp_path, label, message):
+    root = write_rec(tmp_path / "d", [0, 0, 1, 1])
+    rewrite_header(root, label)
+    with pytest.raises(RecordIOError, match=message):
         D.RecordIODataset(root)
 
 
@@ -196,15 +211,86 @@ def test_synthetic_dataset_is_a_recordio_dataset(tmp_path):
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
+def substitutes_in(record) -> list[int]:
+    """The sample indices that bad-sample warnings say were used instead, in order."""
+    found = (re.search(r"using sample (\d+) \(key \d+\) instead", str(w.message)) for w in record)
+    return [int(m.group(1)) for m in found if m]
+
+
 def test_corrupt_jpeg_warns_with_key_and_substitutes_unless_strict(tmp_path):
     root = write_rec(tmp_path / "c", [0, 0, 1, 1], payloads={2: b"\xff\xd8 not a jpeg"})
     ds = D.RecordIODataset(root, train=False)
-    with pytest.warns(UserWarning, match="key 2 is not a decodable image; using sample 2 instead"):
+    with pytest.warns(UserWarning, match=f"{re.escape(str(root))}: key 2 is not a decodable image; using sample") as w:
         image, label = ds[1]
-    np.testing.assert_array_equal(image, ds[2][0])
-    assert label == ds[2][1]
+    (other,) = substitutes_in(w)
+    assert other != 1
+    np.testing.assert_array_equal(image, ds[other][0])
+    assert label == ds[other][1]
     with pytest.raises(ValueError, match="key 2 is not a decodable image"):
         D.RecordIODataset(root, strict=True)[1]
+
+
+def bad_records_set(root, n=12):
+    """n images; keys 3..7 are bad, one of each kind, in a row: a record shorter than its IRHeader, a label too
+    long for its record, a non-integer label, an undecodable image and a misframed record."""
+    jpeg = pack_img(IRHeader(0, 1.0, 0, 0), face_like(np.random.default_rng(1)))[24:]
+    records = {3: b"short", 4: pack(IRHeader(0, [1.0] * 3, 4, 0), b"")[:28],
+               5: pack(IRHeader(0, 2.5, 5, 0), jpeg), 6: pack(IRHeader(0, 1.0, 6, 0), b"\xff\xd8 not a jpeg")}
+    write_rec(root, [k % 3 for k in range(n)], records=records, header=False)
+    (root / "property").write_text("3,112,112\n")
+    reader = MXIndexedRecordIO(root / "train.idx", root / "train.rec", "r")
+    data = bytearray((root / "train.rec").read_bytes())
+    data[reader.offset_of(7):reader.offset_of(7) + 4] = b"XXXX"  # no magic: not a record boundary
+    (root / "train.rec").write_bytes(bytes(data))
+    return root
+
+
+BAD_RECORDS = {3: r"key 3 at offset \d+: a record of 5 bytes is shorter than the 24-byte IRHeader",
+               4: r"key 4 at offset \d+: IRHeader flag 3 needs 12 bytes of labels, the record has 4",
+               5: r"key 5: label 2.5 is not an integer",
+               6: r"key 6 is not a decodable image",
+               7: r"key 7 at offset \d+: not a record boundary"}
+
+
+def test_bad_records_of_any_kind_are_warned_with_file_and_key_and_replaced_by_good_samples(tmp_path, monkeypatch):
+    """Was: a short record raised a bare struct.error, and each substitute was the next index, so a run of bad
+    records cascaded into that crash."""
+    monkeypatch.setattr("mxnet_reader.recordio._OPEN_CHECK_SAMPLES", 2)  # as in a big set: key 7 is not checked
+    root = bad_records_set(tmp_path / "bad")
+    ds = D.RecordIODataset(root, train=False)
+    images, labels = np.empty((12, 112, 112, 3), np.uint8), np.empty(12, np.int64)
+    with pytest.warns(UserWarning) as record:
+        ds.load_batch(np.arange(12), 0, images, labels)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 5
+    for pattern, message in zip(BAD_RECORDS.values(), messages, strict=True):
+        assert re.search(pattern, message) and (str(root) in message), message
+    good = [i for i in range(12) if i + 1 not in BAD_RECORDS]
+    for i, other in zip(range(2, 7), substitutes_in(record), strict=True):
+        assert other in good  # never another bad record
+        np.testing.assert_array_equal(images[i], ds.load_uint8(other, 0)[0])
+        assert labels[i] == other % 3
+    strict = D.RecordIODataset(root, train=False, strict=True)
+    for key, pattern in BAD_RECORDS.items():
+        with pytest.raises(ValueError, match=pattern) as info:  # RecordIOError is a ValueError
+            strict[key - 1]
+        assert str(root) in str(info.value)
+
+
+def test_a_set_without_good_samples_is_a_clear_error(tmp_path):
+    root = write_rec(tmp_path / "all", [0, 1, 0], records={k: b"short" for k in (1, 2, 3)}, header=False)
+    (root / "property").write_text("2,112,112\n")
+    with pytest.raises(ValueError, match=r"key 2 at offset \d+: a record of 5 bytes is shorter.*none of the 64 "
+                                         r"samples tried in its place is readable either: .*all looks corrupt"):
+        D.RecordIODataset(root)[1]
+
+
+def test_substitutes_are_spread_over_the_set_and_deterministic():
+    ds = D.FaceDataset("x", train=True, strict=False, seed=3)
+    ds._length = 1000
+    tried = ds._substitutes(500)
+    assert len(tried) == 64 and 500 not in tried and all(0 <= i < 1000 for i in tried)
+    assert max(tried) - min(tried) > 500 and tried == ds._substitutes(500) != ds._substitutes(501)
 
 
 def test_label_outside_num_classes_is_an_error(tmp_path):
@@ -248,17 +334,19 @@ def test_substituted_and_resized_samples_are_mirrored_like_any_other(tmp_path):
     """Mirroring happens after decoding: substitutes and resized images are mirrored like the others."""
     root = write_rec(tmp_path / "m", [0, 1, 0, 1, 0, 1], size=128, payloads={3: b"\xff\xd8 not a jpeg"})
     ds = D.RecordIODataset(root, train=True, seed=5)
-    rgb = [cv2.resize(rgb_of(ds, i), (112, 112), interpolation=cv2.INTER_AREA) for i in (0, 1, 3, 3, 4, 5)]
     images, labels = np.empty((6, 112, 112, 3), np.uint8), np.empty(6, np.int64)
     seen = set()
     for epoch in range(6):
         flips = flip_mask_list(5, epoch, np.arange(6))
-        with pytest.warns(UserWarning, match="key 3 is not a decodable image; using sample 3 instead"):
+        with pytest.warns(UserWarning, match="key 3 is not a decodable image; using sample") as w:
             ds.load_batch(np.arange(6), epoch, images, labels)
+        (other,) = substitutes_in(w)
+        sources = [0, 1, other, 3, 4, 5]
+        rgb = [cv2.resize(rgb_of(ds, i), (112, 112), interpolation=cv2.INTER_AREA) for i in sources]
         for i in range(6):
             np.testing.assert_array_equal(images[i], rgb[i][:, ::-1] if flips[i] else rgb[i])
-        assert labels.tolist() == [0, 1, 1, 1, 0, 1]
-        seen.update(flips[2:4])
+        assert labels.tolist() == [0, 1, other % 2, 1, 0, 1]
+        seen.update(flips[2:3])
     assert seen == {True, False}  # the substitute was decoded both ways
 
 
@@ -405,6 +493,29 @@ def test_batch_tensors_stay_valid_while_used(small_rec):
     loader.close()
 
 
+def test_workers_started_by_spawn_give_the_same_batches(small_rec):
+    """Windows (and macOS if asked) have no fork: was a warning and every batch loaded in the training process.
+    One spawned worker (it imports Paddle: seconds, so one epoch); its slots are named shared memory that is
+    gone after close()."""
+    from multiprocessing import shared_memory
+
+    cfg = cfg_for(small_rec, num_workers=1)
+    want = run(D.build_dataloader(cfg_for(small_rec), 0, 1), 1)
+    dataset = D.build_dataset(cfg)
+    loader = D.FaceDataLoader(dataset, D.ShardedBatchSampler(len(dataset), 4, seed=cfg.seed), num_workers=1,
+                              start_method="spawn", timeout=60)
+    got = run(loader, 1)
+    assert [type(p).__name__ for p in loader._pool._processes] == ["SpawnProcess"]
+    name = loader._pool.slots._shared.name
+    loader.close()
+    assert len(got) == len(want) == 6
+    for (images, labels), (want_images, want_labels) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(images, want_images)
+        np.testing.assert_array_equal(labels, want_labels)
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=name)
+
+
 def test_a_killed_worker_is_a_clear_error_not_a_hang(small_rec):
     import os
     import signal
@@ -479,3 +590,53 @@ def test_workers_exit_when_the_training_process_dies(small_rec, tmp_path):
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+# -- label.txt: what editors write, and labels that are typos -------------------------------------------------
+def image_folder(root, lines: bytes, names=("a.jpg", "b.jpg", "c.jpg")):
+    (root / "images").mkdir(parents=True)
+    for i, name in enumerate(names):
+        cv2.imwrite(str(root / "images" / name), np.full((112, 112, 3), 40 * i, np.uint8))
+    (root / "label.txt").write_bytes(lines)
+    return root
+
+
+def test_label_file_with_bom_and_crlf_reads_like_a_plain_one(tmp_path):
+    """Was: the first path became '\\ufeffimages/a.jpg' (what Windows Notepad writes) and was substituted."""
+    plain = b"images/a.jpg\t0\nimages/b.jpg 1\nimages/c.jpg\t1\n"
+    notepad = b"\xef\xbb\xbf" + plain.replace(b"\n", b"\r\n")
+    want = D.ImageFolderDataset(image_folder(tmp_path / "plain", plain), train=False, strict=True)
+    got = D.ImageFolderDataset(image_folder(tmp_path / "notepad", notepad), train=False, strict=True)
+    assert got._paths == want._paths == ["images/a.jpg", "images/b.jpg", "images/c.jpg"]
+    assert got.num_classes == 2
+    for i in range(3):
+        np.testing.assert_array_equal(got[i][0], want[i][0])
+
+
+@pytest.mark.parametrize("lines, message", [
+    (b"images/a.jpg\t0\nimages/b.jpg\t99999999999\nimages/c.jpg\t1\n",
+     r"label\.txt: line 2: label 99999999999 would make 100000000000 classes, but only 3 distinct labels"),
+    (b"images/a.jpg\t0\nimages/b.jpg\t-3\n", r"label\.txt: line 2: label -3 is not a class number"),
+    (b"images/a.jpg\t0\nimages/b.jpg\t" + b"9" * 30 + b"\n", r"label\.txt: line 2: label 9{30} is not a class"),
+    (b"images/a.jpg\t0\n\xe9t\xe9.jpg\t1\n", r"label\.txt: line 2 is not UTF-8 text \(byte 0xe9\)"),
+], ids=["huge", "negative", "beyond-int64", "latin-1"])
+def test_label_file_typos_are_one_clear_line(tmp_path, lines, message):
+    """Was: `Unable to allocate 23.3 TiB` (num_classes = largest label + 1, unchecked)."""
+    with pytest.raises(ValueError, match=message):
+        D.ImageFolderDataset(image_folder(tmp_path / "f", lines))
+
+
+def test_sparse_labels_are_accepted_within_reason(tmp_path):
+    root = image_folder(tmp_path / "f", b"images/a.jpg\t0\nimages/b.jpg\t1000\nimages/c.jpg\t7\n")
+    assert D.ImageFolderDataset(root).num_classes == 1001  # a few gaps: the set is usable as labelled
+    assert D.ImageFolderDataset(root, num_classes=5000).num_classes == 5000  # given: the caller's choice
+
+
+def test_recordio_class_counts_from_property_or_a_scan_are_checked(tmp_path):
+    root = write_rec(tmp_path / "p", [0, 1, 1, 0])
+    (root / "property").write_text("99999999999,112,112\n")
+    with pytest.raises(ValueError, match=r"property: 99999999999 classes, but the set has only 2 identities"):
+        D.RecordIODataset(root)
+    root = write_rec(tmp_path / "s", [0, 1, 5000, 0], header=False)
+    with pytest.raises(ValueError, match=r"/s: key 3 has label 5000, but the set has only 3 distinct labels"):
+        D.RecordIODataset(root)

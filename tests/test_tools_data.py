@@ -202,3 +202,30 @@ def test_write_insightface_rec_rejects_bad_labels_and_keeps_old_files(labels, me
     with pytest.raises(ValueError, match=message):
         write_insightface_rec(tmp_path, [(label, _image(label)) for label in labels], progress=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files, old set intact
+
+
+def test_images2rec_and_check_dataset_read_a_notepad_label_file(tmp_path, capsys):
+    """A UTF-8 BOM and CRLF (Windows Notepad): was `'\\ufeffa.jpg'` not found in images2rec."""
+    src = tmp_path / "listed"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(_image(i * 40))
+    (src / "label.txt").write_bytes(b"\xef\xbb\xbf0.jpg\t0\r\n1.jpg\t1\r\n2.jpg\t99999999999\r\n")
+    assert images2rec.main([str(src), str(tmp_path / "out")]) == 0  # any labels: images2rec renumbers them
+    assert json.loads((tmp_path / "out" / "label_map.json").read_text())["labels"] == {
+        "0": 0, "1": 1, "2": 99999999999}
+    capsys.readouterr()
+    assert check_dataset.main([str(src)]) == 1  # training would infer 10^11 classes from it
+    out = capsys.readouterr().out
+    assert "PROBLEM cannot open" in out and "line 3: label 99999999999 would make 100000000000 classes" in out
+    (src / "label.txt").write_bytes(b"\xef\xbb\xbf0.jpg\t0\r\n1.jpg\t1\r\n2.jpg\t1\r\n")
+    assert check_dataset.main([str(src)]) == 0
+    assert "3 images, 2 identities" in capsys.readouterr().out
+
+
+def test_check_dataset_sizes_nothing_by_a_huge_num_classes(shared_fixtures, capsys):
+    """Was: `Unable to allocate 745 GiB` (a bincount of num_classes entries)."""
+    assert check_dataset.main([str(shared_fixtures / "mxnet_written"), "--num-classes", "99999999999"]) == 1
+    out = capsys.readouterr().out
+    assert "identities without images: label 12" in out
+    assert "identities without images: ... and 99999999977 more (99999999987 in all)" in out

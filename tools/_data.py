@@ -26,14 +26,12 @@ def open_dataset(path: Path, num_classes: int | None = None):
 
 
 def raw_sample(ds, index: int) -> tuple[bytes, int, str]:
-    """(encoded image bytes exactly as stored, label, name) of sample `index`, without decoding."""
+    """(encoded image bytes exactly as stored, label, name) of sample `index`, without decoding; an unreadable
+    sample raises its error (a RecordIOError or OSError naming the file)."""
     payloads, labels = ds._samples(np.array([index]))
+    if isinstance(payloads[0], Exception):
+        raise payloads[0]
     return bytes(payloads[0]), int(labels[0]), ds._name(index)
-
-
-def folder_listing(ds) -> tuple[list[str], list[int]]:
-    """(relative paths, labels) of an ImageFolderDataset, without reading any image."""
-    return list(ds._paths), ds._labels.tolist()
 
 
 def record_key(ds, index: int) -> int:

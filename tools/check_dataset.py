@@ -54,24 +54,39 @@ def check(path: Path, decode: bool = True, num_classes: int | None = None, progr
                 continue
             if shape[:2] != (INPUT_SIZE, INPUT_SIZE):
                 problems[f"not {INPUT_SIZE}x{INPUT_SIZE}"].append(f"{name} is {shape[1]}x{shape[0]}")
-    in_range = np.array([x for x in labels if 0 <= x < ds.num_classes], dtype=np.int64)
-    per_identity = np.bincount(in_range, minlength=ds.num_classes)
-    empty = np.flatnonzero(per_identity == 0)
-    if len(empty):
-        problems["identities without images"] = [f"label {x}" for x in empty]
-    counts = per_identity[per_identity > 0]
+    # nothing here is sized by num_classes: --num-classes is typed by hand
+    present, counts = np.unique(np.array([x for x in labels if 0 <= x < ds.num_classes], dtype=np.int64),
+                                return_counts=True)
+    kind = "identities without images"
+    totals = {kind: ds.num_classes - len(present)}
+    if totals[kind]:
+        problems[kind] = [f"label {x}" for x in _first_missing(present, ds.num_classes, MAX_LISTED)]
     edges = [*HISTOGRAM_EDGES, max(int(counts.max(initial=0)) + 1, HISTOGRAM_EDGES[-1] + 1)]
     histogram = {(f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"): int(((counts >= lo) & (counts < hi)).sum())
                  for lo, hi in itertools.pairwise(edges)}
     listed = []
     for kind, items in problems.items():
+        total = totals.get(kind, len(items))
         listed += [f"{kind}: {item}" for item in items[:MAX_LISTED]]
-        if len(items) > MAX_LISTED:
-            listed.append(f"{kind}: ... and {len(items) - MAX_LISTED} more ({len(items)} in all)")
+        if total > MAX_LISTED:
+            listed.append(f"{kind}: ... and {total - MAX_LISTED} more ({total} in all)")
     return {"kind": type(ds).__name__, "images": len(ds), "readable": len(labels), "num_classes": ds.num_classes,
-            "identities": int((per_identity > 0).sum()),
+            "identities": len(present),
             "label_min": min(labels, default=None), "label_max": max(labels, default=None),
             "histogram": histogram, "problems": listed}
+
+
+def _first_missing(present: np.ndarray, num_classes: int, count: int) -> list[int]:
+    """The first `count` labels in [0, num_classes) that are not in the sorted array `present`."""
+    present, missing, label = present.tolist(), [], 0
+    j = 0
+    while label < num_classes and len(missing) < count:
+        if j < len(present) and present[j] == label:
+            j += 1
+        else:
+            missing.append(label)
+        label += 1
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:

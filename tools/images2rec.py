@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from mxnet_reader.insightface import write_insightface_rec, write_text_atomic
-from tools._data import folder_listing, image_suffix, open_dataset, raw_sample
+from tools._data import image_suffix
 from utils.image import INPUT_SIZE, decode_rgb
 
 
@@ -47,10 +47,15 @@ def _stored_payload(payload: bytes, name: str, quality: int) -> tuple[bytes, boo
 
 def images_to_rec(image_dir: Path, out_dir: Path, quality: int = 95, progress: bool = True) -> dict:
     """Write out_dir/train.rec, train.idx, property and label_map.json; returns a summary dict."""
-    ds = open_dataset(image_dir)
+    from dataset import image_folder_listing
+
     if (image_dir / "train.rec").exists():
         raise ValueError(f"{image_dir} holds a train.rec; images2rec reads image folders")
-    paths, labels = folder_listing(ds)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
+    paths, labels, _ = image_folder_listing(image_dir)  # any labels: they are renumbered, not used as classes
+    if not paths:
+        raise ValueError(f"no images found in {image_dir}")
     from_folders = not (image_dir / "label.txt").is_file()
     identity = [path.split("/", 1)[0] for path in paths] if from_folders else labels
     originals = sorted(set(identity))
@@ -61,8 +66,8 @@ def images_to_rec(image_dir: Path, out_dir: Path, quality: int = 95, progress: b
     def records():
         nonlocal re_encoded
         for i in order:
-            payload, _, name = raw_sample(ds, i)
-            stored, changed = _stored_payload(payload, str(image_dir / name), quality)
+            path = image_dir / paths[i]
+            stored, changed = _stored_payload(path.read_bytes(), str(path), quality)
             re_encoded += changed
             yield new_label[identity[i]], stored
 
