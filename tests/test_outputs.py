@@ -125,11 +125,11 @@ def test_only_abandoned_temp_dirs_are_removed(tmp_path: Path) -> None:
         _, dead_tmp = _make_temp_dir_in_child(final, hold=False)
         other = tmp_path / ".synthetic-v1-i2.tmp-user"  # matches the pattern but is a fresh dir of someone else's
         other.mkdir()
-        assert locks.remove_abandoned(final, min_age_s=60) == []  # all younger than a minute: nothing is proven
+        assert locks.remove_abandoned(tmp_path, "synthetic-*") == []  # all younger than a minute: nothing proven
         old = time.time() - 120
         for path in (live_tmp, dead_tmp):
             os.utime(path, (old, old))
-        assert locks.remove_abandoned(final, min_age_s=60) == [dead_tmp]
+        assert locks.remove_abandoned(tmp_path, "synthetic-*") == [dead_tmp]
         assert live_tmp.is_dir() and (live_tmp / "train.rec").read_bytes() == b"half" and other.is_dir()
     finally:
         live.send_signal(signal.SIGKILL)
@@ -140,7 +140,7 @@ def test_synthetic_generation_removes_a_killed_generators_temp_dir(tmp_path: Pat
     from utils.synthetic import cache_name, ensure_synthetic
 
     final = tmp_path / cache_name(2, 1, 4, 0)
-    _, dead_tmp = _make_temp_dir_in_child(final, hold=False)
+    _, dead_tmp = _make_temp_dir_in_child(tmp_path / cache_name(50, 20, 100, 0), hold=False)  # another set's
     old = time.time() - 3600
     os.utime(dead_tmp, (old, old))
     assert ensure_synthetic(tmp_path, 2, 1, 4, seed=0) == final

@@ -28,6 +28,7 @@ except ImportError:  # Windows
 RUN_LOCK = ".lock"
 # msvcrt locks byte ranges and a locked byte cannot be read: lock one far beyond the pid written at offset 0.
 _WINDOWS_LOCK_OFFSET = 1 << 20
+_MIN_AGE_S = 60.0
 
 
 class RunDirInUseError(OSError):
@@ -86,18 +87,19 @@ def locked_temp_dir(final: Path) -> Iterator[Path]:
             os.close(fd)
 
 
-def remove_abandoned(final: Path, min_age_s: float = 60.0) -> list[Path]:
-    """Delete the temp directories `locked_temp_dir(final)` left behind whose creator is gone; return them.
+def remove_abandoned(directory: Path, names: str) -> list[Path]:
+    """Delete the temp dirs `locked_temp_dir` left in `directory` for finals matching the glob `names` whose
+    creator is gone; return them.
 
-    A directory counts as abandoned only when its lock is free AND it is older than `min_age_s` (a creator takes
-    its lock right after mkdir: the age covers that instant). Without fcntl (Windows) nothing is deleted.
+    A directory counts as abandoned only when its lock is free AND it is older than a minute (a creator takes its
+    lock right after mkdir: the age covers that instant). Without fcntl (Windows) nothing is deleted.
     """
     if fcntl is None:
         return []
     removed = []
-    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+    for tmp in directory.glob(f".{names}.tmp-*"):
         try:
-            if time.time() - tmp.stat().st_mtime < min_age_s:
+            if time.time() - tmp.stat().st_mtime < _MIN_AGE_S:
                 continue
             fd = os.open(tmp, os.O_RDONLY)
         except OSError:  # gone meanwhile (renamed into place or removed by another cleaner), or not ours to open

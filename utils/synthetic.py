@@ -403,14 +403,14 @@ def ensure_synthetic(cache_dir: str | Path, identities: int, images_per_id: int,
 
     Generation goes to a private temp dir (locked by its generator) that is renamed into place, so a reader never
     sees a half-written set. If several processes (ranks) call this at once, each may generate; the first rename
-    wins and the others discard their identical copy. Temp dirs of generators that were killed are removed by the
-    next call (utils/locks.py: only those whose lock is free); a live generator's is never touched.
+    wins and the others discard their identical copy. Temp dirs of generators that were killed (any cache name) are
+    removed by the next call (utils/locks.py: only those whose lock is free); a live generator's is never touched.
     """
     final = Path(cache_dir) / cache_name(identities, images_per_id, val_pairs, seed)
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(final)
+    remove_abandoned(final.parent, "synthetic-*")  # of any size and seed
     with locked_temp_dir(final) as tmp:
         try:
             generate(tmp, identities, images_per_id, val_pairs, seed, workers=workers)
