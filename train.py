@@ -33,6 +33,7 @@ import paddle
 
 from backbones import get_model, load_weights
 from backbones.cpu import prefer_avx2_mkl
+from backbones.recompute import all_reduce_gradients, deferred_sync
 from config import Config, ConfigError, format_config, parse_args
 from dataset import build_dataloader, build_dataset, dataset_dir, to_model_input
 from eval.callback import VerificationCallback
@@ -252,7 +253,7 @@ def _train(cfg: Config, rank: int, world: int) -> int:
         data_time, loss_sum = 0.0, 0.0
         for images, labels in loader:
             data_time += time.perf_counter() - tick
-            with amp_ctx():
+            with amp_ctx(), deferred_sync(backbone):  # a recomputing DataParallel model syncs by hand (below)
                 embeddings = backbone(to_model_input(images))
             loss = pfc(embeddings.astype("float32"), labels)
             loss_value = float(loss)
@@ -270,6 +271,7 @@ def _train(cfg: Config, rank: int, world: int) -> int:
             if micro % cfg.gradient_acc:
                 tick = time.perf_counter()
                 continue
+            all_reduce_gradients(backbone)
             lr = scheduler()
             if scaler is not None:  # unscale and step both, or skip both on inf/NaN gradients; adapt the scale
                 scaler.step(optimizer, backbone.parameters(), pfc, lr)

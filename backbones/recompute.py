@@ -5,16 +5,22 @@ masks the second time (gradients equal the plain run's: tests/test_vit.py). What
 forward's BatchNorm running-statistics update: torch's checkpoint has the same flaw (arcface_torch's r2060 moves
 its statistics twice per step). Here the replay restores them, so a recomputed run keeps the plain run's
 statistics exactly.
+
+With several ranks, paddle.DataParallel's gradient reducer refuses the replay's nested backward ("parameter ...
+has been ready before"): a recomputing model runs its forward under `deferred_sync` and its gradients are
+averaged by `all_reduce_gradients` before the optimizer step (tests/test_vit.py, 2 ranks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
 import paddle
 from paddle import nn
 from paddle.distributed.fleet.utils import recompute
+from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 
 
 def _running_stats(layers: Sequence[nn.Layer]) -> list[paddle.Tensor]:
@@ -56,3 +62,18 @@ def run_stage_checkpointed(stage: nn.Sequential, x: paddle.Tensor) -> paddle.Ten
     for start in range(0, len(blocks), size):
         x = run_checkpointed(blocks[start:start + size], x)
     return x
+
+
+def _synced_by_hand(model: nn.Layer) -> bool:
+    return isinstance(model, paddle.DataParallel) and getattr(model._layers, "recompute", False)
+
+
+def deferred_sync(model: nn.Layer) -> contextlib.AbstractContextManager:
+    """For the forward of a DataParallel model that recomputes: its reducer stays off (see the module doc)."""
+    return model.no_sync() if _synced_by_hand(model) else contextlib.nullcontext()
+
+
+def all_reduce_gradients(model: nn.Layer) -> None:
+    """Average the gradients over the ranks, as DataParallel would have, if `deferred_sync` held its reducer off."""
+    if _synced_by_hand(model):
+        fused_allreduce_gradients(list(model.parameters()), None)

@@ -78,11 +78,11 @@ def paddle_runner(name: str, batch: int, numpy_prelu: bool, width: float = 1.0) 
 def torch_runner(name: str, batch: int) -> dict[str, Callable[[], None]]:
     import torch
 
-    from tests.torch_reference import get_torch_model
-    from tests.torch_vit_reference import VITS, get_torch_vit
+    from tests.torch_reference import IResNet, get_torch_model
+    from tests.torch_vit_reference import R2060_BLOCKS, VITS, get_torch_vit
 
     torch.manual_seed(0)
-    model = get_torch_vit(name) if name in VITS else get_torch_model(name)
+    model = get_torch_vit(name) if name in VITS else IResNet(R2060_BLOCKS) if name == "r2060" else get_torch_model(name)
     head = torch.nn.Linear(512, CLASSES)
     optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(0)

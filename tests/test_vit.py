@@ -19,6 +19,7 @@ from backbones import get_model
 from config import load_config
 from paddle_pretrainedmodel.convert_torch import convert_state_dict
 from tests.export_models import calibrated_weights, synthetic_faces
+from tests.launch import launch
 from tests.torch_reference import IResNet
 from tests.torch_reference import randomize as randomize_iresnet
 from tests.torch_vit_reference import R2060_BLOCKS, get_torch_vit, randomize
@@ -138,6 +139,19 @@ def test_recompute_gives_the_same_gradients_and_statistics(name: str) -> None:
     if name == "vit_t":  # the randomness is live: another seed gives other gradients
         other = gradients(plain, x, seed=8)
         assert max(np.abs(other[k] - v).max() / np.abs(v).max() for k, v in expected.items()) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_recompute_on_two_ranks_averages_gradients_like_data_parallel(tmp_path: Path) -> None:
+    """DataParallel's reducer fails under recompute's replay; train.py's manual sync gives DataParallel's gradients."""
+    proc = launch("tests/dist_recompute_worker.py", log_dir=tmp_path / "log", nproc=2)
+    assert proc.returncode == 0, proc.logs
+    results = {r["rank"]: r for r in (json.loads(line) for line in proc.logs.splitlines() if line.startswith("{"))}
+    assert set(results) == {0, 1}
+    for name in ("vit_t", "r18"):
+        assert max(results[rank][name]["worst"] for rank in (0, 1)) <= 1e-5, results
+        assert results[0][name]["checksum"] == results[1][name]["checksum"], results  # averaged over the ranks
 
 
 def test_adamw_decays_every_parameter_like_arcface_torch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
