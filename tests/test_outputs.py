@@ -71,6 +71,19 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path: Path) -> 
     assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["index.npz"]
 
 
+def test_a_failed_synthetic_generation_names_the_set_and_leaves_nothing(tmp_path: Path) -> None:
+    code = ("import resource, signal, sys; from utils.synthetic import ensure_synthetic; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+            "ensure_synthetic(sys.argv[1], 20, 4, 20, seed=0)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    from utils.synthetic import cache_name
+
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"OSError: [Errno 27] File too large: '{tmp_path / cache_name(20, 4, 20, 0)}'", proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_errors_about_other_files_pass_unchanged(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info, atomic.atomic_output(tmp_path / "out.txt"):
         (tmp_path / "missing-input.txt").read_bytes()

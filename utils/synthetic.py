@@ -27,6 +27,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.atomic import errors_name
 from utils.image import ARCFACE_TEMPLATE, INPUT_SIZE
 from utils.locks import locked_temp_dir, remove_abandoned
 
@@ -413,7 +414,8 @@ def ensure_synthetic(cache_dir: str | Path, identities: int, images_per_id: int,
     remove_abandoned(final.parent, "synthetic-*")  # of any size and seed
     with locked_temp_dir(final) as tmp:
         try:
-            generate(tmp, identities, images_per_id, val_pairs, seed, workers=workers)
+            with errors_name(final):  # a full disk's error names no file
+                generate(tmp, identities, images_per_id, val_pairs, seed, workers=workers)
             os.rename(tmp, final)
         except OSError:
             if not final.is_dir():  # not a lost race: a real failure
