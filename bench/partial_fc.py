@@ -96,6 +96,7 @@ def breakdown(num_classes: int, sample_rate: float, batch: int, dim: int, repeat
     import paddle
 
     from pfc import sampling
+    from pfc.paddle_head import _row_norms
 
     size = sampling.sample_size(num_classes, sample_rate, batch)
     weight = paddle.randn([num_classes, dim]) * 0.01
@@ -108,12 +109,13 @@ def breakdown(num_classes: int, sample_rate: float, batch: int, dim: int, repeat
     ops = {"scores (hash)": lambda: sampling.scores_paddle(num_classes + 1, keys),
            "sample (scores + top-k + sort)": lambda: sampling.choose_paddle(labels, num_classes, size, keys),
            "gather rows (index_select)": lambda: paddle.index_select(weight, idx),
-           "row norms": lambda: paddle.linalg.norm(rows, axis=1),
+           "row norms": lambda: _row_norms(rows),
            "logits matmul [N,D]x[D,S]": lambda: paddle.matmul(emb, rows, transpose_y=True),
            "exp [N,S]": lambda: paddle.exp(cos),
            "embedding grad matmul [N,S]x[S,D]": lambda: paddle.matmul(cos, rows),
            "head grad matmul [S,N]x[N,D]": lambda: paddle.matmul(cos, emb, transpose_x=True),
-           "elementwise [S,D] (one op)": lambda: rows * 0.9,
+           "elementwise [S,D] into a new tensor": lambda: rows * 0.9,
+           "elementwise [S,D] in place": lambda: rows.scale_(1.0),
            "scatter rows (scatter_)": lambda: paddle.scatter_(weight, idx, rows)}
     out = {}
     for name, fn in ops.items():

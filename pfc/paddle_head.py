@@ -322,6 +322,12 @@ class PaddleHead:
         path is refused (one log line, portable from then on) if they differ by more than FUSED_TOLERANCE relative.
         A one-time host read, before training proper."""
         self._fused_checked = True
+        threshold = self.spec.margin.interclass_filtering_threshold
+        if threshold > 0:
+            self.kernel = "portable"
+            log.warning("pfc_kernel fused refused: margin_cross_entropy has no inter-class filtering "
+                        "(interclass_filtering_threshold=%g); using the portable path", threshold)
+            return
         results = []
         for use_fused in (False, True):
             emb = local_emb.detach()

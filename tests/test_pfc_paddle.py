@@ -117,20 +117,22 @@ def _stand_in_margin_cross_entropy(logits, label, margin1, margin2, margin3, sca
     return (paddle.logsumexp(adjusted, axis=1) - scale * target).mean()
 
 
-@pytest.mark.parametrize("grad, accepted", [("exact", True), ("straight_through", False)])
+@pytest.mark.parametrize("grad, threshold, accepted", [("exact", 0.0, True), ("straight_through", 0.0, False),
+                                                       ("exact", 0.3, False)])
 def test_fused_kernel_is_checked_on_the_first_step(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-                                                   grad: str, accepted: bool) -> None:
-    """margin_cross_entropy differentiates the margin exactly: with grad=exact it agrees with the portable path and
-    is used; with arcface_torch's straight-through gradient it does not, and the head falls back with one line."""
+                                                   grad: str, threshold: float, accepted: bool) -> None:
+    """margin_cross_entropy differentiates the margin exactly and filters nothing: with grad=exact it agrees with the
+    portable path and is used; with arcface_torch's straight-through gradient the first-step check finds the
+    difference, and with inter-class filtering it is refused outright: one line, then the portable path."""
     monkeypatch.setattr(paddle.nn.functional, "margin_cross_entropy", _stand_in_margin_cross_entropy)
-    margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0, grad=grad)
+    margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=threshold, grad=grad)
     data = batches(np.random.default_rng(5), 3, B, D, C)
     fused = PartialFC(margin, D, C, sample_rate=0.3, backend="paddle", kernel="fused")
     portable = PartialFC(margin, D, C, sample_rate=0.3, backend="paddle")
     with caplog.at_level("WARNING"):
         losses = [(float(_step(fused, *batch)), float(_step(portable, *batch))) for batch in data]
     assert fused.head.kernel == ("fused" if accepted else "portable")
-    assert ("fused refused" in caplog.text) != accepted
+    assert caplog.text.count("fused refused") == (not accepted)
     np.testing.assert_allclose(*zip(*losses, strict=True), rtol=1e-5)
     ref = portable.weight.numpy()
     np.testing.assert_allclose(fused.weight.numpy(), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
