@@ -138,6 +138,8 @@ def _last_checkpoint(run_dir: Path) -> str:
 def train(cfg: Config) -> int:
     """Train in `output/run_name`; rank 0 holds the directory locked until the run ends (or dies)."""
     rank, world = init_distributed()
+    if cfg.resume not in (None, ckpt_io.LATEST):  # a mistyped path fails before the run directory is made
+        ckpt_io.resolve_checkpoint(cfg.resume, _run_dir(cfg))
     with hold_run_dir(_run_dir(cfg)) if rank == 0 else nullcontext():
         return _train(cfg, rank, world)
 

@@ -33,7 +33,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("synthetic_cache")
+    """The tiny synthetic set, generated here: whichever test runs first sees no progress bar on its stderr."""
+    from config import parse_args
+    from dataset import dataset_dir
+
+    cache = tmp_path_factory.mktemp("synthetic_cache")
+    dataset_dir(parse_args(tiny_args(cache, cache, "unused")))
+    return cache
 
 
 def tiny_args(cache_dir: Path, output: Path, run_name: str, *extra: str) -> list[str]:
@@ -273,6 +279,14 @@ def test_resume_from_another_runs_checkpoint_starts_a_new_run_and_leaves_that_ru
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a checkpoint of another run, and" in err and "give a new --run_name" in err, err
     assert _snapshot(straight_run) == before
+
+
+def test_a_mistyped_resume_path_writes_nothing(cache_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "old" / "checkpoints" / "step_0000001"
+    assert train.main(tiny_args(cache_dir, tmp_path, "new", "--resume", str(missing))) == 1
+    assert f"--resume {missing}: no checkpoint found" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_a_second_training_into_a_run_in_use_is_refused(cache_dir: Path, tmp_path: Path,
