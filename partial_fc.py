@@ -99,6 +99,11 @@ class PartialFC:
         return self.head.opt_state
 
     @property
+    def kernel(self) -> str:
+        """The path in use: "portable", or "fused" (paddle backend; after the first step only if its check passed)."""
+        return getattr(self.head, "kernel", "portable")
+
+    @property
     def num_updates(self) -> int:
         """Optimizer steps applied (a host read on the paddle backend: call it outside the training step)."""
         return int(self.head.num_updates)

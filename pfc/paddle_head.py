@@ -97,12 +97,12 @@ class PaddleHead:
         return _HeadFunction.apply(local_embeddings, self, labels, size, keys)
 
     # ------------------------------------------------------------------ forward
-    def _sample(self, local_emb: paddle.Tensor, labels: paddle.Tensor, size: int, keys: tuple[int, int]):
-        """Gathered embeddings and labels, the sample and each sample's target column in it."""
+    def _sample(self, labels: paddle.Tensor, size: int, keys: tuple[int, int]):
+        """All ranks' labels gathered; the sample (None: all rows), its weight rows, each sample's target column,
+        and whether any label is outside [0, num_classes) (a device bool: it makes the loss NaN)."""
         spec = self.spec
-        emb = self.comm.all_gather(local_emb.astype("float32"))
         local = self.comm.all_gather(labels) - spec.class_start
-        self._invalid = ((local < -spec.class_start) | (local >= spec.num_classes - spec.class_start)).any()
+        invalid = ((local < -spec.class_start) | (local >= spec.num_classes - spec.class_start)).any()
         idx = choose_paddle(local, spec.num_local, size, keys)
         if idx is None:
             has_target = (local >= 0) & (local < spec.num_local)
@@ -112,12 +112,13 @@ class PaddleHead:
             has_target = paddle.index_select(idx, column) == local
         column = paddle.where(has_target, column, paddle.zeros_like(column)).unsqueeze(1)
         rows = self.weight if idx is None else paddle.index_select(self.weight, idx)
-        return emb, idx, rows, column, has_target.unsqueeze(1)
+        return idx, rows, column, has_target.unsqueeze(1), invalid
 
     def _forward(self, local_emb: paddle.Tensor, labels: paddle.Tensor, size: int,
                  keys: tuple[int, int]) -> tuple[paddle.Tensor, dict]:
         margin, comm = self.spec.margin, self.comm
-        emb, idx, rows, column, has_target = self._sample(local_emb, labels, size, keys)
+        emb = comm.all_gather(local_emb.astype("float32"))
+        idx, rows, column, has_target, invalid = self._sample(labels, size, keys)
         norms = _row_norms(emb, keepdim=True)
         emb_n = emb / norms
         inv_w = 1.0 / _row_norms(rows)
@@ -136,7 +137,7 @@ class PaddleHead:
         sumexp = comm.all_reduce(exps.sum(axis=1, keepdim=True))
         target = comm.all_reduce(paddle.where(has_target, target_logit, paddle.zeros_like(target_logit)))
         loss = (paddle.log(sumexp) + top - target).mean()
-        loss = paddle.where(self._invalid, paddle.full_like(loss, float("nan")), loss)  # a label out of range
+        loss = paddle.where(invalid, paddle.full_like(loss, float("nan")), loss)  # a label out of range
         saved = dict(emb_n=emb_n, norms=norms, idx=idx, rows=rows, inv_w=inv_w, cos=cos, exps=exps, sumexp=sumexp,
                      column=column, has_target=has_target, target_grad=margin.target_grad_tensor(cos_t), mask=mask)
         return loss, saved
@@ -302,7 +303,7 @@ class PaddleHead:
         other classes; the portable sampler is exact on resume and equal to the numpy backend's."""
         spec, margin = self.spec, self.spec.margin
         emb = AllGather.apply(local_emb, self.comm, spec.rank) if spec.world_size > 1 else local_emb
-        _, idx, rows, column, has_target = self._sample(local_emb.detach(), labels, size, keys)
+        idx, rows, column, has_target, invalid = self._sample(labels, size, keys)
         rows = rows.detach()
         rows.stop_gradient = False
         with paddle.amp.auto_cast(self.fp16):
@@ -314,7 +315,7 @@ class PaddleHead:
         loss = F.margin_cross_entropy(cos.astype("float32"), label, margin.m1, margin.m2, margin.m3, margin.s,
                                       group=None if spec.world_size > 1 else False)
         self._pending.append(_Pass(idx, rows.detach(), leaf=rows))
-        return loss
+        return paddle.where(invalid, paddle.full_like(loss, float("nan")), loss)
 
     def _check_fused(self, local_emb: paddle.Tensor, labels: paddle.Tensor, size: int,
                      keys: tuple[int, int]) -> None:
