@@ -219,7 +219,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="batch size changed from 12 to 6 between steps"):
         pfc(x[:6], paddle.to_tensor(labels[:6]))
     for kwargs, message in [(dict(sample_rate=0.0), "sample_rate=0.0"), (dict(optimizer="lamb"), "optimizer='lamb'"),
-                            (dict(num_classes=0), "num_classes=0"), (dict(embedding_size=-1), "embedding_size=-1")]:
+                            (dict(num_classes=0), "num_classes=0"), (dict(embedding_size=-1), "embedding_size=-1"),
+                            (dict(backend="cuda"), "backend='cuda'"), (dict(kernel="triton"), "kernel='triton'")]:
         with pytest.raises(ValueError, match=message):
             PartialFC(margin, **{"embedding_size": D, "num_classes": C, **kwargs})
     with pytest.raises(ValueError, match="lr=nan"):

@@ -107,6 +107,19 @@ def test_bad_labels_first_batch_raises_later_batch_gives_nan() -> None:
         PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, backend="numpy", kernel="fused")
 
 
+def test_config_keys_choose_the_backend_and_kernel() -> None:
+    from config import ConfigError, load_config
+    from partial_fc import resolve_backend
+
+    assert resolve_backend("auto") == "numpy"  # this CPU machine; paddle on a GPU
+    cfg = load_config(overrides={"pfc_backend": "paddle", "pfc_kernel": "fused"})
+    assert (cfg.pfc_backend, cfg.pfc_kernel) == ("paddle", "fused")
+    with pytest.raises(ConfigError, match="--pfc_kernel: fused runs on the paddle backend"):
+        load_config(overrides={"pfc_backend": "numpy", "pfc_kernel": "fused"})
+    with pytest.raises(ConfigError, match="pfc_backend"):
+        load_config(overrides={"pfc_backend": "cuda"})
+
+
 def _stand_in_margin_cross_entropy(logits, label, margin1, margin2, margin3, scale, group=None, **_):
     """A one-process margin_cross_entropy in Paddle autograd ops (the real kernel is CUDA only): exact gradient."""
     rows = paddle.arange(label.shape[0])
