@@ -3,6 +3,7 @@ fails any test leaving the process environment or Paddle's global state changed 
 """
 
 import os
+import signal
 from pathlib import Path
 
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -30,6 +31,7 @@ def _global_state() -> dict[str, object]:
     """What a test could change for the tests after it, cheap to read."""
     environ = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's own, per phase
     return {"os.environ": environ, "cwd": os.getcwd(), "umask": _umask(),
+            "SIGINT handler": signal.getsignal(signal.SIGINT),
             "paddle device": paddle.get_device(), "paddle dynamic mode": paddle.in_dynamic_mode(),
             "paddle default dtype": paddle.get_default_dtype(),
             "paddle flags": paddle.get_flags(["FLAGS_use_mkldnn", "FLAGS_check_nan_inf"])}
@@ -67,6 +69,7 @@ def _no_leaked_global_state() -> None:
         os.environ.update(before["os.environ"])
         os.chdir(before["cwd"])
         os.umask(before["umask"])
+        signal.signal(signal.SIGINT, before["SIGINT handler"])
         pytest.fail("the test left global state changed (use monkeypatch / tmp_path): " + "; ".join(changes),
                     pytrace=False)
 
