@@ -1,7 +1,8 @@
 """Margin losses on cosine logits: ArcFace, CosFace and the general combined form cos(m1*theta + m2) - m3.
 
-The margin math lives in small NumPy methods (`target_logit`, `target_grad`, `filtered`) so that Partial FC, which runs
-its head in NumPy for speed, and the Paddle `forward` (autograd, for a plain fully-connected head) share one definition.
+The margin math is written twice, side by side: NumPy methods (`target_logit`, `target_grad`) for the numpy backend of
+Partial FC, and the same formulas in Paddle ops (`target_logit_tensor`, `target_grad_tensor`) for the paddle backend
+and the autograd `forward` (a plain fully-connected head), which never read a tensor back to the host.
 
 Gradient modes. arcface_torch applies the ArcFace margin inside `torch.no_grad()`, so its backward treats the target
 logit s*cos(theta + m) as if it were s*cos(theta): d logit / d cos = s ("straight_through", our default, for
@@ -75,20 +76,6 @@ class CombinedMarginLoss(paddle.nn.Layer):
             return np.full(c.shape, self.s)
         theta = np.arccos(np.clip(c, -_EXACT_COS_LIMIT, _EXACT_COS_LIMIT))
         return self.s * self.m1 * np.sin(self.m1 * theta + self.m2) / np.sin(theta)
-
-    def filtered(self, cos: np.ndarray, rows: np.ndarray, cols: np.ndarray, axis: int = 1) -> np.ndarray | None:
-        """Boolean mask of the negatives removed by inter-class filtering, or None when filtering is off.
-
-        `cos` is [B, C] (axis=1) or its transpose [C, B] (axis=0); (rows, cols) index the targets in [B, C] terms.
-        """
-        if self.interclass_filtering_threshold <= 0:
-            return None
-        mask = cos > self.interclass_filtering_threshold
-        if axis == 1:
-            mask[rows, cols] = False
-        else:
-            mask[cols, rows] = False
-        return mask
 
     # ---- The same math in Paddle ops (device-resident: no value ever goes to the host) ----
     def target_logit_tensor(self, cos_t: paddle.Tensor) -> paddle.Tensor:
