@@ -3,7 +3,7 @@
 `check IN_DIR OUT_DIR`: W=2 equals the single-process float64 full softmax (loss, embedding, backbone-after-
 DataParallel and shard gradients) on both backends, sample_rate=0.5 sparsity, collective input errors, the paddle
 backend equal to the numpy backend in every case of tests/pfc_backends.py, three paddle-backend steps without a host
-read, load of a W=1 save into the paddle backend and a W=2 save.
+read, the AMP skip decision agreed by both ranks, load of a W=1 save into the paddle backend and a W=2 save.
 `die`: rank 1 exits mid-training; rank 0 must not hang.
 """
 
@@ -18,6 +18,7 @@ import paddle.distributed as dist
 
 from losses import CombinedMarginLoss
 from partial_fc import PartialFC, init_centres
+from pfc.amp import DynamicLossScale
 from pfc.sampling import sample_size
 from tests.host_reads import forbid_host_reads
 from tests.pfc_backends import PASSES, STEPS, batches, cases, compare_backends
@@ -152,6 +153,24 @@ def check_no_host_reads(setup: Setup) -> None:
     assert pfc.num_updates == 4
 
 
+def check_amp_agreement(setup: Setup) -> None:
+    """DynamicLossScale: a non-finite head gradient on rank 1 only makes both ranks skip (the shards differ, the
+    decision must not); a finite step is applied on both."""
+    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, sample_rate=0.5, backend="paddle")
+    opt = paddle.optimizer.Momentum(0.1, momentum=0.9, parameters=setup.net.parameters())
+    scaler = DynamicLossScale(init_scale=4.0)
+    for poisoned in (True, False):
+        emb = setup.model(paddle.to_tensor(setup.x[setup.local]))
+        scaler.scale_loss(pfc(emb, paddle.to_tensor(setup.y[setup.local]))).backward()
+        if poisoned and setup.rank == 1:
+            pfc.grads_finite = lambda: paddle.to_tensor(False)
+        applied = scaler.step(opt, setup.net.parameters(), pfc, 0.1)
+        opt.clear_grad()
+        assert applied is not poisoned, f"rank {setup.rank}: applied={applied} with rank 1 poisoned={poisoned}"
+        vars(pfc).pop("grads_finite", None)
+    assert scaler.scale == 2.0 and pfc.num_updates == 1
+
+
 def check_reshard(setup: Setup, in_dir: Path, out_dir: Path) -> None:
     pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, sample_rate=0.5, backend="paddle")
     pfc.load(in_dir)  # saved by a single process, numpy backend
@@ -185,6 +204,7 @@ def main() -> None:
     check_sampling(setup)
     check_backends(setup)
     check_no_host_reads(setup)
+    check_amp_agreement(setup)
     check_reshard(setup, Path(sys.argv[2]), Path(sys.argv[3]))
     print(f"rank {setup.rank}: PFC WORKER OK", flush=True)
 
