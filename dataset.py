@@ -44,6 +44,7 @@ import paddle
 from paddle.utils.dlpack import from_dlpack
 
 from mxnet_reader.recordio import MXIndexedRecordIO, RecordIOError
+from utils.encoded_image import claimed_pixels, plausible_size
 from utils.image import INPUT_SIZE, decode_or_none, preprocess, preprocess_batch
 from utils.label_file import LabelListing, read_label_file
 
@@ -120,9 +121,9 @@ class FaceDataset(paddle.io.Dataset):
         payloads, labels[:len(indices)] = self._checked_samples(indices)
         flips = flip_mask(self.seed, epoch, indices).tolist() if self.train else [False] * len(indices)
         for j, (payload, flip, out) in enumerate(zip(payloads, flips, images[:len(indices)], strict=True)):
-            image = None if isinstance(payload, Exception) else decode_or_none(payload, out=out)
-            if image is None or image.shape != _IMAGE_SHAPE:
-                image, labels[j] = self._repaired(int(indices[j]), image, payload, int(labels[j]))
+            image = self._decoded(int(indices[j]), payload, out)
+            if isinstance(image, Exception) or image.shape != _IMAGE_SHAPE:
+                image, labels[j] = self._repaired(int(indices[j]), image, int(labels[j]))
             if image is not out:
                 out[...] = image
             if flip:
@@ -139,22 +140,32 @@ class FaceDataset(paddle.io.Dataset):
                              f"[0, {self.num_classes}) (pass num_classes= or fix the property file)")
         return payloads, labels
 
-    def _repaired(self, index: int, image: np.ndarray | None, payload: Any, label: int) -> tuple[np.ndarray, int]:
-        """(image, label) for sample `index`, whose payload did not decode to an input-size image: resized, or
-        a good sample in its place (both errors when strict). `payload` is the exception of an unreadable one."""
-        if image is not None:
+    def _decoded(self, index: int, payload: Any, out: np.ndarray | None = None) -> np.ndarray | Exception:
+        """Sample `index`'s image (decoded into `out` if it fits there), or why it is a bad sample: the payload's
+        own read error, a header claiming more pixels than any face crop (checked before anything is
+        allocated for it), or an undecodable image."""
+        if isinstance(payload, Exception):
+            return payload
+        if not plausible_size(payload):
+            return ValueError(f"{self.source}: {self._name(index)} claims {claimed_pixels(payload)} pixels in its "
+                              "header: a corrupt image")
+        image = decode_or_none(payload, out=out)
+        return ValueError(f"{self.source}: {self._name(index)} is not a decodable image") if image is None else image
+
+    def _repaired(self, index: int, image: np.ndarray | Exception, label: int) -> tuple[np.ndarray, int]:
+        """(image, label) for sample `index`, whose image is not input-sized or is an error: resized, or a good
+        sample in its place (both errors when strict)."""
+        if not isinstance(image, Exception):
             return self._resized(image, index), label
-        problem = payload if isinstance(payload, Exception) else ValueError(
-            f"{self.source}: {self._name(index)} is not a decodable image")
         if self.strict:
-            raise problem
+            raise image
         for i in self._substitutes(index):
             payloads, labels = self._checked_samples(np.array([i]))
-            image = None if isinstance(payloads[0], Exception) else decode_or_none(payloads[0])
-            if image is not None:
-                warnings.warn(f"{problem}; using sample {i} ({self._name(i)}) instead", stacklevel=4)
-                return self._resized(image, i), int(labels[0])
-        raise ValueError(f"{problem}; and none of the {_MAX_SUBSTITUTES} samples tried in its place is readable "
+            substitute = self._decoded(i, payloads[0])
+            if not isinstance(substitute, Exception):
+                warnings.warn(f"{image}; using sample {i} ({self._name(i)}) instead", stacklevel=4)
+                return self._resized(substitute, i), int(labels[0])
+        raise ValueError(f"{image}; and none of the {_MAX_SUBSTITUTES} samples tried in its place is readable "
                          f"either: {self.source} looks corrupt (tools/check_dataset.py lists the bad samples)")
 
     def _substitutes(self, index: int) -> list[int]:
@@ -230,8 +241,10 @@ class RecordIODataset(FaceDataset):
                 except RecordIOError as err:
                     payload = err
                 payloads.append(payload)
-        for j in np.flatnonzero(~np.isfinite(labels) | (labels != np.floor(labels))).tolist():
-            payloads[j] = RecordIOError(f"{self._reader.uri} key {keys[j]}: label {labels[j]} is not an integer")
+        with np.errstate(invalid="ignore"):  # NaN
+            wrong = ~(np.abs(labels) < 2.0**62) | (labels != np.floor(labels))
+        for j in np.flatnonzero(wrong).tolist():
+            payloads[j] = RecordIOError(f"{self._reader.uri} key {keys[j]}: label {labels[j]} is not a class number")
         labels[[isinstance(p, Exception) for p in payloads]] = 0
         return payloads, labels.astype(np.int64)
 

@@ -3,14 +3,20 @@
 A `.bin` is a pickle of `(bins, issame_list)`: 2N encoded images (pair i is images 2i and 2i+1) and N
 bools. Three kinds exist in the wild and all load here: Python-2 pickles of `str`, Python-3 pickles of
 `bytes`, and pickles of NumPy uint8 arrays, 1-D or (n, 1) (numpy 1 or numpy 2 module names). Files are read with the
-restricted unpickler: a crafted file raises `UnsafePickleError` and runs nothing. Types and counts are
-checked before anything is decoded.
+restricted unpickler: a crafted file raises `UnsafePickleError` and runs nothing. Nothing is sized by the
+file's claims either: the pickle's structure is checked first (every length inside the file, memo indices no
+larger than it: the C unpickler sizes its memo table by the largest), no array may be larger than the file,
+and no image header may claim more than utils.encoded_image.MAX_PIXELS. Types and counts are checked before
+anything is decoded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import pickle
+import pickletools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.atomic import write_bytes_atomic
+from utils.encoded_image import MAX_PIXELS, claimed_pixels, plausible_size
 from utils.image import decode_rgb
-from utils.safe_pickle import UnsafePickleError, restricted_loads
+from utils.safe_pickle import RestrictedUnpickler, UnsafePickleError
 
 _BOOLS = (bool, np.bool_)
 
@@ -55,15 +62,51 @@ def _as_bytes(item: object, index: int, path: Path) -> bytes:
                      "of shape (n,) or (n, 1))")
 
 
+_ARRAY_TYPE = object()  # what the pickle's `numpy.ndarray` global becomes: an argument of _reconstruct, not callable
+
+
+class _BinUnpickler(RestrictedUnpickler):
+    """The restricted unpickler with arrays no larger than the file: numpy's `_reconstruct(ndarray, shape,
+    dtype)` allocates whatever shape it is given (pickles give (0,) and the data later), and `numpy.ndarray`
+    itself, called, would too."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data), encoding="bytes")  # bytes: Python-2 `str` payloads stay bytes
+        self._limit = len(data)
+
+    def find_class(self, module: str, name: str) -> object:
+        found = super().find_class(module, name)
+        if found is np.ndarray:
+            return _ARRAY_TYPE
+        return self._reconstruct if name == "_reconstruct" else found
+
+    def _reconstruct(self, subtype: object, shape: object, dtype: object) -> np.ndarray:
+        if subtype is not _ARRAY_TYPE:
+            raise UnsafePickleError(f"array subtype {subtype!r} is not allowed")
+        dims = shape if isinstance(shape, tuple) else (shape,)
+        dtype = np.dtype(dtype)
+        if dtype.hasobject or not all(isinstance(d, int) and 0 <= d <= self._limit for d in dims) \
+                or math.prod(dims) * dtype.itemsize > self._limit:
+            raise ValueError(f"an array of shape {shape} and dtype {dtype} is larger than the file")
+        return np.ndarray.__new__(np.ndarray, dims, dtype)
+
+
+def _check_structure(data: bytes) -> None:
+    """Walk the pickle's opcodes (pure Python: a length field beyond the end raises) and bound memo indices."""
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg <= len(data):
+            raise ValueError(f"memo index {arg} is beyond the file")
+
+
 def parse_bin(data: bytes, path: str | Path = "<bytes>") -> tuple[list[bytes], np.ndarray]:
     """`read_bin` on a file's contents."""
     path = Path(path)
     try:
-        # encoding="bytes" keeps Python-2 `str` payloads as bytes; Python-3 pickles are unaffected.
-        obj = restricted_loads(data, encoding="bytes")
+        _check_structure(data)
+        obj = _BinUnpickler(data).load()
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
-    except Exception as e:  # truncated, not a pickle, bad opcode
+    except Exception as e:  # truncated, not a pickle, bad opcode, oversized claims
         raise ValueError(f"{path}: not a readable .bin pickle, truncated or corrupt ({type(e).__name__}: {e})") from e
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(f"{path}: expected a pickle of (bins, issame_list), found {type(obj).__name__}"
@@ -116,6 +159,9 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112), progres
     images = np.empty((len(bins), height, width, 3), np.uint8)
     resized = 0
     for i, buf in enumerate(tqdm(bins, desc=f"decode {path.name}", unit="img", disable=not progress, leave=False)):
+        if not plausible_size(buf):
+            raise ValueError(f"{path}: image {i} (pair {i // 2}) claims {claimed_pixels(buf)} pixels in its header, "
+                             f"more than {MAX_PIXELS}: a corrupt image")
         try:
             img = decode_rgb(buf)
         except ValueError:

@@ -13,12 +13,14 @@ The Python-2 and numpy-1 kinds cannot be written by this interpreter, so they ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import pickletools
 import struct
 import subprocess
 import sys
+import tracemalloc
 import warnings
 
 import cv2
@@ -249,3 +251,47 @@ def test_parse_bin_accepts_numpy_bool_issame(images):
     bins, issame = parse_bin(pickle.dumps((images, np.array(ISSAME)), protocol=4))
     assert bins == images
     assert issame.tolist() == ISSAME
+
+
+def _peak_bytes(read) -> int:
+    """Peak bytes traced (NumPy and the unpickler report theirs) while `read()` runs; its exception is kept."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(ValueError):
+            read()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("data, message", [
+    # numpy's _reconstruct(ndarray, (0,), b'b') asked for 256 MB: (2**28,)
+    (lambda p: p.replace(b"K\x00\x85", b"J\x00\x00\x00\x10\x85", 1), r"shape \(268435456,\) .* larger than the file"),
+    # numpy.ndarray called with a shape of its own
+    (lambda p: b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x10\x85R.", r"TypeError: 'object' object is not callable"),
+    # a memo index of 2**24: the C unpickler sizes its memo table by it (256 MB)
+    (lambda p: b"\x80\x02]r\x00\x00\x00\x01.", r"memo index 16777216 is beyond the file"),
+], ids=["reconstruct-shape", "ndarray-call", "memo-index"])
+def test_nothing_is_sized_by_what_a_bin_claims(images, tmp_path, data, message):
+    """Was: each of these allocated 256 MB (a larger claim, more) before failing or loading."""
+    path = tmp_path / "claims.bin"
+    path.write_bytes(data(pickle.dumps(([np.frombuffer(b, np.uint8) for b in images], ISSAME), protocol=2)))
+    assert _peak_bytes(lambda: read_bin(path)) < 16 << 20
+    with pytest.raises(ValueError, match=message) as info:
+        read_bin(path)
+    assert str(path) in str(info.value)
+
+
+def jpeg_claiming(size: int, image: bytes) -> bytes:
+    """A JPEG whose frame header claims size x size pixels (the scan data is the 112x112 one's)."""
+    sof = image.index(b"\xff\xc0")
+    return image[:sof + 5] + struct.pack(">HH", size, size) + image[sof + 9:]
+
+
+def test_an_image_header_claiming_too_many_pixels_is_refused_before_decoding(images, tmp_path):
+    """Was: decoded at the claimed size (8000x8000: 192 MB) and then refused or resized."""
+    bins = [*images[:-1], jpeg_claiming(8000, images[0])]
+    path = tmp_path / "big.bin"
+    write_bin(path, bins, ISSAME)
+    with pytest.raises(ValueError, match=r"big\.bin: image 5 \(pair 2\) claims 64000000 pixels in its header"):
+        load_bin(path, progress=False)

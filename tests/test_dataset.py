@@ -4,6 +4,7 @@ import hashlib
 import json
 import pickle
 import re
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -247,7 +248,7 @@ def bad_records_set(root, n=12):
 
 BAD_RECORDS = {3: r"key 3 at offset \d+: a record of 5 bytes is shorter than the 24-byte IRHeader",
                4: r"key 4 at offset \d+: IRHeader flag 3 needs 12 bytes of labels, the record has 4",
-               5: r"key 5: label 2.5 is not an integer",
+               5: r"key 5: label 2.5 is not a class number",
                6: r"key 6 is not a decodable image",
                7: r"key 7 at offset \d+: not a record boundary"}
 
@@ -275,6 +276,18 @@ def test_bad_records_of_any_kind_are_warned_with_file_and_key_and_replaced_by_go
         with pytest.raises(ValueError, match=pattern) as info:  # RecordIOError is a ValueError
             strict[key - 1]
         assert str(root) in str(info.value)
+
+
+def test_an_image_claiming_too_many_pixels_is_a_bad_sample_not_a_decode(tmp_path):
+    """Was: decoded at the size its header claims (8000x8000: 192 MB per bad record) before anything else."""
+    jpeg = pack_img(IRHeader(0, 1.0, 0, 0), face_like(np.random.default_rng(1)))[24:]
+    sof = jpeg.index(b"\xff\xc0")
+    claims = jpeg[:sof + 5] + struct.pack(">HH", 8000, 8000) + jpeg[sof + 9:]
+    root = write_rec(tmp_path / "big", [0, 1, 0, 1], payloads={2: claims})
+    with pytest.warns(UserWarning, match=r"key 2 claims 64000000 pixels in its header: a corrupt image; using sample"):
+        D.RecordIODataset(root, train=False)[1]
+    with pytest.raises(ValueError, match=r"key 2 claims 64000000 pixels"):
+        D.RecordIODataset(root, train=False, strict=True)[1]
 
 
 def test_a_set_without_good_samples_is_a_clear_error(tmp_path):
