@@ -120,6 +120,21 @@ def test_config_keys_choose_the_backend_and_kernel() -> None:
         load_config(overrides={"pfc_backend": "cuda"})
 
 
+@pytest.mark.slow
+def test_train_py_runs_the_paddle_backend_and_prints_its_memory_plan(tmp_path: Path) -> None:
+    import train
+
+    args = ["--cache_dir", str(tmp_path / "cache"), "--synthetic_identities", "20", "--synthetic_images_per_id", "2",
+            "--synthetic_val_pairs", "20", "--width", "0.25", "--embedding_size", "64", "--batch_size", "8",
+            "--threads", "1", "--num_workers", "0", "--num_epoch", "1", "--val_targets", "", "--output",
+            str(tmp_path / "out"), "--run_name", "p", "--pfc_backend", "paddle", "--sample_rate", "0.5"]
+    assert train.main(args) == 0
+    log = (tmp_path / "out" / "p" / "train.log").read_text()
+    assert "paddle head: 512 bytes/class of weights + momentum" in log
+    assert "for 10 sampled classes x 8 embeddings" in log
+    assert (tmp_path / "out" / "p" / "checkpoints" / "step_0000005" / "softmax_weight.r0.npy").is_file()
+
+
 def _stand_in_margin_cross_entropy(logits, label, margin1, margin2, margin3, scale, group=None, **_):
     """A one-process margin_cross_entropy in Paddle autograd ops (the real kernel is CUDA only): exact gradient."""
     rows = paddle.arange(label.shape[0])
