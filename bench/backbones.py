@@ -96,7 +96,7 @@ def torch_runner(name: str, batch: int) -> dict[str, Callable[[], None]]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        float(loss)
+        loss.item()
 
     def infer(inputs: torch.Tensor) -> Callable[[], None]:
         def run() -> None:

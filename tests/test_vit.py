@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 import train
 from backbones import get_model
+from backbones.__main__ import main as summary_main
 from config import load_config
 from paddle_pretrainedmodel.convert_torch import convert_state_dict
 from tests.export_models import calibrated_weights, synthetic_faces
@@ -194,6 +195,12 @@ def test_adamw_decays_every_parameter_like_arcface_torch(monkeypatch: pytest.Mon
 
     assert worst(mirror) <= 1e-3
     assert worst(without_decay) > 1e-2
+
+
+def test_summary_lists_the_vits(capsys: pytest.CaptureFixture) -> None:
+    summary_main(["--summary", "--networks", "vit_t,vit_t_dp005_mask0"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["vit_t", "1.00", "19,137,792", "1.505"], ["vit_t_dp005_mask0", "1.00", "19,137,792", "1.505"]]
 
 
 try:
