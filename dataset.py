@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import time
 import traceback
 import warnings
@@ -377,11 +378,12 @@ class ImageFolderDataset(FaceDataset):
         return [self._read(int(i)) for i in indices], self._labels[indices]
 
     def _read(self, index: int) -> bytes | OSError:
-        """The file's bytes, or the error that reading it raised (a bad sample, see FaceDataset._repaired)."""
+        """The file's bytes, or why it cannot be read (a bad sample, see FaceDataset._repaired)."""
+        path = self._root / self._paths[index]  # an absolute path in label.txt stays absolute
         try:
-            return (self._root / self._paths[index]).read_bytes()
+            return path.read_bytes()
         except OSError as err:
-            return err
+            return OSError(err.errno, f"{self.source}: cannot read {path}: {err.strerror}")  # FileNotFoundError etc.
 
     def _name(self, index: int) -> str:
         return str(self._paths[index])
@@ -516,7 +518,7 @@ class FaceDataLoader:
     each worker has `prefetch_per_worker` batches in flight plus the one the training loop holds.
     A worker that dies or stops answering for `timeout` seconds is an error here, never a hang; `close()`
     (or garbage collection, or interpreter exit) stops the workers. `start_method` is how workers start: fork
-    where there is one (Linux; each starts in milliseconds), else spawn (Windows, macOS if asked): a spawned
+    on Linux (each starts in milliseconds), else spawn (Windows; macOS, where fork is unsafe): a spawned
     worker imports this module (and Paddle, ~3 s) and receives the dataset pickled (the RecordIO reader maps the
     file anew); the slots are then named shared memory instead of an anonymous map.
     """
@@ -526,7 +528,7 @@ class FaceDataLoader:
         self.dataset, self.batch_sampler, self.num_workers = dataset, batch_sampler, num_workers
         self.prefetch_per_worker, self.timeout = prefetch_per_worker, timeout
         methods = multiprocessing.get_all_start_methods()
-        self.start_method = start_method or ("fork" if "fork" in methods else "spawn")
+        self.start_method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
         if self.start_method not in methods:
             raise ValueError(f"start_method {self.start_method!r} is not available here ({', '.join(methods)})")
         self._pool: _WorkerPool | None = None

@@ -527,6 +527,8 @@ def test_workers_started_by_spawn_give_the_same_batches(small_rec):
         np.testing.assert_array_equal(labels, want_labels)
     with pytest.raises(FileNotFoundError):
         shared_memory.SharedMemory(name=name)
+    with pytest.raises(ValueError, match="start_method 'nope' is not available here"):
+        D.FaceDataLoader(dataset, loader.batch_sampler, num_workers=1, start_method="nope")
 
 
 def test_a_killed_worker_is_a_clear_error_not_a_hang(small_rec):
@@ -534,7 +536,8 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(small_rec):
     import signal
     import time
 
-    loader = D.build_dataloader(cfg_for(small_rec, num_workers=2), 0, 1)
+    # 13 batches of 2 for 6 slots: the victim has work left after the kill, whatever it had done before
+    loader = D.build_dataloader(cfg_for(small_rec, num_workers=2, batch_size=2), 0, 1)
     batches = iter(loader)
     next(batches)
     victim = worker_processes(loader)[1]
@@ -545,7 +548,7 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(small_rec):
     assert time.monotonic() - start < 5
     assert loader._pool is None or not loader._pool.close.alive  # the surviving worker was stopped too
     consumed = loader.batch_sampler.consumed
-    assert 1 <= consumed < 6 and len(run(loader, 1)) == 6 - consumed  # new workers finish the epoch
+    assert 1 <= consumed < 13 and len(run(loader, 1)) == 13 - consumed  # new workers finish the epoch
     loader.close()
 
 

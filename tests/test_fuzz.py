@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -180,9 +181,13 @@ def record_starts() -> list[int]:
 @FUZZ
 @given(data=st.data())
 def test_damaged_recordio_sets(data):
-    files = rec_set()
     name = data.draw(st.sampled_from(["train.rec", "train.rec", "train.idx", "property"]), label="file")
-    damage = data.draw(damages(len(files[name]), record_starts() if name == "train.rec" else []), label="damage")
+    hot = record_starts() if name == "train.rec" else []
+    check_recordio(name, data.draw(damages(len(rec_set()[name]), hot), label="damage"))
+
+
+def check_recordio(name: str, damage: tuple) -> None:
+    files = rec_set()
     with tempfile.TemporaryDirectory() as tmp, bounded(name):
         root = write_files(Path(tmp) / "set", {**files, name: damaged(files[name], damage)})
         read_dataset(D.RecordIODataset, root, key=True)
@@ -198,9 +203,13 @@ def test_damaged_recordio_sets(data):
 @FUZZ
 @given(data=st.data())
 def test_damaged_image_folders(data):
+    name = data.draw(st.sampled_from(sorted(folder_set())), label="file")
+    hot = [0] if name != "label.txt" else []
+    check_folder(name, data.draw(damages(len(folder_set()[name]), hot), label="damage"))
+
+
+def check_folder(name: str, damage: tuple) -> None:
     files = folder_set()
-    name = data.draw(st.sampled_from(sorted(files)), label="file")
-    damage = data.draw(damages(len(files[name]), [0] if name != "label.txt" else []), label="damage")
     with tempfile.TemporaryDirectory() as tmp, bounded(name):
         root = write_files(Path(tmp) / "folder", {**files, name: damaged(files[name], damage)})
         read_dataset(D.ImageFolderDataset, root, key=False)
@@ -209,9 +218,12 @@ def test_damaged_image_folders(data):
 @FUZZ
 @given(data=st.data())
 def test_damaged_bin_sets(data):
+    kind = data.draw(st.sampled_from(sorted(bin_kinds())), label="kind")
+    check_bin(kind, data.draw(damages(len(bin_kinds()[kind]), [0]), label="damage"))
+
+
+def check_bin(kind: str, damage: tuple) -> None:
     kinds = bin_kinds()
-    kind = data.draw(st.sampled_from(sorted(kinds)), label="kind")
-    damage = data.draw(damages(len(kinds[kind]), [0]), label="damage")
     with tempfile.TemporaryDirectory() as tmp, bounded(kind):
         path = Path(tmp) / "set.bin"
         path.write_bytes(damaged(kinds[kind], damage))
@@ -222,3 +234,14 @@ def test_damaged_bin_sets(data):
         else:
             assert bins.images.dtype == np.uint8 and bins.images.shape == (2 * bins.num_pairs, 112, 112, 3)
             assert bins.issame.dtype == np.bool_
+
+
+# -- what the long runs found (each failed before its fix) --------------------------------------------------
+@pytest.mark.parametrize("check, name, damage", [
+    (check_recordio, "train.rec", ("flip", [(8, 0)])),  # IRHeader flag 1: label = JPEG bytes as a float, 1e30
+    (check_folder, "images/a.jpg", ("splice", 31, 1, 169)),  # the new header check: simplejpeg's KeyError: 6
+    (check_folder, "label.txt", ("splice", 36, 31, 0)),  # an absolute path '/c.jpg': the error named no folder
+    (check_bin, "arrays_protocol2", ("flip", [(7, 0)])),  # numpy -> oumpy: UnsafePickleError was no ValueError
+], ids=["label-1e30", "jpeg-header-keyerror", "absolute-path", "renamed-global"])
+def test_found_by_fuzzing(check, name, damage):
+    check(name, damage)

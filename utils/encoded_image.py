@@ -20,7 +20,7 @@ def claimed_pixels(buf: bytes | memoryview) -> int | None:
     if buf[:2] == b"\xff\xd8":
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(buf)
-        except ValueError:
+        except (ValueError, KeyError):  # KeyError: simplejpeg's name for an unknown subsampling (fuzzing found it)
             return None
         return height * width
     if buf[:8] == b"\x89PNG\r\n\x1a\n" and len(buf) >= 24:
