@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 import train
 from backbones import get_model
 from backbones.__main__ import main as summary_main
+from backbones.vit import Linear
 from config import load_config
 from paddle_pretrainedmodel.convert_torch import convert_state_dict
 from tests.export_models import calibrated_weights, synthetic_faces
@@ -110,6 +111,51 @@ def test_masking_and_drop_path_act_only_in_training(name: str, masks: bool) -> N
         block.drop_path_rate = 0.0
     same = np.array_equal(model(x).numpy(), model(x).numpy())
     assert same != masks  # without drop path only the masking is random
+
+
+@pytest.mark.parametrize(("freeze_input", "freeze_weight", "bias"), [
+    (False, False, True), (True, False, True), (False, True, True), (False, False, False)])
+def test_token_linear_equals_paddle_linear(freeze_input: bool, freeze_weight: bool, bias: bool) -> None:
+    """Outputs and gradients of the fast Linear are F.linear's; frozen tensors get none (fine-tuning)."""
+    paddle.seed(0)
+    layer = Linear(24, 40, bias_attr=None if bias else False)
+    if bias:
+        layer.bias.set_value(paddle.randn([40]))
+    layer.weight.stop_gradient = freeze_weight
+    x_np = np.random.default_rng(0).normal(size=(3, 7, 24)).astype(np.float32)
+    grad_out = paddle.to_tensor(np.random.default_rng(1).normal(size=(3, 7, 40)).astype(np.float32))
+    results = []
+    for fast in (True, False):
+        Linear.fast_on_cpu = fast
+        try:
+            x = paddle.to_tensor(x_np, stop_gradient=freeze_input)
+            layer.clear_gradients()
+            y = layer(x)
+            y.backward(grad_out)
+            results.append([y.numpy()] + [None if t.grad is None else t.grad.numpy()
+                                          for t in (x, layer.weight, layer.bias) if t is not None])
+        finally:
+            Linear.fast_on_cpu = True
+    (fast_out, *fast_grads), (plain_out, *plain_grads) = results
+    np.testing.assert_allclose(fast_out, plain_out, rtol=1e-6, atol=1e-6)
+    assert [g is None for g in fast_grads] == [g is None for g in plain_grads]
+    assert (fast_grads[0] is None) == freeze_input and (fast_grads[1] is None) == freeze_weight
+    for fast, plain in zip(fast_grads, plain_grads, strict=True):
+        if plain is not None:
+            np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_linear_gives_plain_gradients_on_a_whole_vit(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = paddle.to_tensor(np.random.default_rng(0).normal(size=(4, 3, 112, 112)).astype(np.float32))
+    runs = []
+    for fast in (True, False):
+        monkeypatch.setattr(Linear, "fast_on_cpu", fast)
+        paddle.seed(0)
+        runs.append(gradients(get_model("vit_t", width=0.25, num_features=32), x, seed=7))
+    fast, plain = runs
+    assert fast.keys() == plain.keys() and len(plain) > 100
+    for key, value in plain.items():
+        assert np.abs(fast[key] - value).max() <= 1e-5 * np.abs(value).max() + 1e-7, key
 
 
 def gradients(model: paddle.nn.Layer, x: paddle.Tensor, seed: int) -> dict[str, np.ndarray]:
