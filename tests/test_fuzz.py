@@ -227,11 +227,15 @@ def check_bin(kind: str, damage: tuple) -> None:
     with tempfile.TemporaryDirectory() as tmp, bounded(kind):
         path = Path(tmp) / "set.bin"
         path.write_bytes(damaged(kinds[kind], damage))
-        try:
-            bins = load_bin(path, progress=False)
-        except Exception as err:
-            assert_own_error(err, str(path))
-        else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                bins = load_bin(path, progress=False)
+            except Exception as err:
+                assert_own_error(err, str(path))
+                bins = None
+        assert all(str(path) in str(w.message) for w in caught), [str(w.message) for w in caught]
+        if bins is not None:
             assert bins.images.dtype == np.uint8 and bins.images.shape == (2 * bins.num_pairs, 112, 112, 3)
             assert bins.issame.dtype == np.bool_
 
