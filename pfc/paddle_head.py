@@ -88,7 +88,9 @@ class PaddleHead:
 
     def forward(self, local_embeddings: paddle.Tensor, labels: paddle.Tensor, size: int,
                 keys: tuple[int, int]) -> paddle.Tensor:
-        """labels: this rank's labels (an int64 tensor); gathered here, on the device."""
+        """labels: this rank's labels (a tensor; a host-side one is copied to the head's device, never read)."""
+        if labels.place != self.weight.place:  # e.g. a DataLoader's CPU tensor while the head is on a GPU
+            labels = labels.to(self.weight.place)
         labels = labels.reshape([-1]).astype("int64")
         if not self._fused_checked:
             self._check_fused(local_embeddings, labels, size, keys)
