@@ -409,8 +409,9 @@ def check_data(m: Machine) -> str:
     from dataset import RecordIODataset
     from utils.synthetic import ensure_synthetic
 
-    identities = 40 if m.quick else 100
-    root = ensure_synthetic(m.work / "cache", identities, 16, 20, seed=0)
+    identities = 40 if m.quick else 200
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+        root = ensure_synthetic(m.work / "cache", identities, 16, 20, seed=0)
     ds = RecordIODataset(root, train=True, seed=0)
     payloads = [bytes(p) for p in ds._samples(np.arange(len(ds)))[0]]
     decode_rate(payloads[:64], cv2_imdecode)  # warm-up
