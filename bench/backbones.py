@@ -116,8 +116,8 @@ def exported_runner(name: str, threads: int) -> dict[str, Callable[[], None]]:
     import paddle
 
     from backbones import get_model
+    from deploy.embedder import PaddleInferenceEmbedder
     from tools.export import export
-    from utils.embedder import PaddleInferenceEmbedder
 
     paddle.seed(0)
     directory = Path(tempfile.mkdtemp(prefix="bench_export_"))

@@ -62,8 +62,8 @@ def load_runtime(name: str, network: str, workdir: Path, threads: int) -> Callab
                 return model(torch.from_numpy(x)).numpy()
 
         return run
+    from deploy.embedder import DygraphEmbedder, OnnxEmbedder, PaddleInferenceEmbedder, load_backbone
     from tools.export import quiet_native_output
-    from utils.embedder import DygraphEmbedder, OnnxEmbedder, PaddleInferenceEmbedder, load_backbone
 
     if name == "paddle dygraph":
         return DygraphEmbedder(load_backbone(network, workdir / f"{network}.pdparams"), 512).forward

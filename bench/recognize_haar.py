@@ -23,9 +23,9 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import cv2
 import numpy as np
 
+from deploy.face_files import read_rgb
 from tools.make_face_demo import make_demo
 from tools.recognize import HAAR_CASCADE
-from utils.face_files import read_rgb
 from utils.image import ARCFACE_TEMPLATE, INPUT_SIZE
 
 MARGINS = (1.0, 1.1, 1.2, 1.3, 1.4)

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = [str(p) for p in output_paths(out_dir, args.target).values() if p.exists()]
     if existing and not args.force:
         parser.error(f"{', '.join(existing)} exists; use --force to overwrite")
-    from utils.embedder import load_backbone
+    from deploy.embedder import load_backbone
 
     try:
         check_writable(out_dir, folder=True)

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in missing:
         print(f"warning: {args.data / name}.bin not found, skipped", file=sys.stderr)
 
+    from deploy.embedder import load_backbone
     from eval.verification import load_bin, test
-    from utils.embedder import load_backbone
 
     try:
         model = load_backbone(args.network, args.weights, width=args.width, embedding_size=args.embedding_size)

@@ -10,9 +10,9 @@ import paddle
 import pytest
 
 from backbones import get_model
+from deploy import embedder
+from deploy.embedder import DeviceError, require_device
 from tools import gallery, inference, recognize
-from utils import embedder
-from utils.embedder import DeviceError, require_device
 
 NO_GPU = embedder.gpu_missing()
 

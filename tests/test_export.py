@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deploy.embedder import DygraphEmbedder, OnnxEmbedder, PaddleInferenceEmbedder, load_backbone, load_embedder
 from tests.export_models import calibrated_weights, synthetic_faces
 from tools import export as export_tool
-from utils.embedder import DygraphEmbedder, OnnxEmbedder, PaddleInferenceEmbedder, load_backbone, load_embedder
 
 ROOT = Path(__file__).resolve().parent.parent
 

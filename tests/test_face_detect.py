@@ -10,15 +10,15 @@ import cv2
 import numpy as np
 import pytest
 
+from deploy.embedder import l2_normalize, load_embedder
+from deploy.face_detect import Detection, crop_face
+from deploy.face_files import face_crop, read_rgb
+from deploy.gallery import GalleryIndex
 from tests.export_models import calibrated_weights
 from tools import gallery as gallery_tool
 from tools import inference as inference_tool
 from tools import recognize as recognize_tool
 from tools.make_face_demo import make_demo
-from utils.embedder import l2_normalize, load_embedder
-from utils.face_detect import Detection, crop_face
-from utils.face_files import face_crop, read_rgb
-from utils.gallery import GalleryIndex
 from utils.synthetic import render_face, sample_identity
 
 HAAR = "haarcascade_frontalface_alt2.xml"

@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
+from deploy.embedder import load_embedder
+from deploy.face_files import read_rgb
+from deploy.gallery import UNKNOWN, GalleryIndex, build_index
 from tests.export_models import calibrated_weights
 from tools import gallery as gallery_tool
 from tools import inference as inference_tool
 from tools.make_face_demo import make_demo
-from utils.embedder import load_embedder
-from utils.face_files import read_rgb
-from utils.gallery import UNKNOWN, GalleryIndex, build_index
 from utils.image import norm_crop
 
 

@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
+from deploy.face_files import read_rgb
 from tests.export_models import calibrated_weights
 from tools import gallery as gallery_tool
 from tools import recognize as recognize_tool
 from tools.make_face_demo import make_demo
-from utils.face_files import read_rgb
 
 
 @pytest.fixture(scope="module")

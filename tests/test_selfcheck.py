@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from backbones import layers
+from deploy.embedder import gpu_missing
 from tests.launch import ROOT
 from tools import selfcheck
-from utils.embedder import gpu_missing
 
 CPU_CHECKS = {"backbone", "backbone_nhwc", "backbone_to_static", "head", "train", "data", "export"}
 GPU_CHECKS = {"backbone_amp", "head_fused", "export_gpu", "export_tensorrt_fp16"}

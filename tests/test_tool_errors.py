@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import eval.verification
+from deploy.gallery import build_index
 from eval import ijb
 from paddle_pretrainedmodel import model_test
 from tools import export, gallery, inference, recognize
 from utils.cli import check_writable, finite_float, positive_int
-from utils.gallery import build_index
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {"gallery": gallery.main, "inference": inference.main, "recognize": recognize.main, "export": export.main,

@@ -19,6 +19,7 @@ from backbones import get_model
 from backbones.__main__ import main as summary_main
 from backbones.vit import Linear
 from config import load_config
+from deploy.embedder import DygraphEmbedder, OnnxEmbedder, PaddleInferenceEmbedder, load_backbone
 from paddle_pretrainedmodel.convert_torch import convert_state_dict
 from tests.export_models import calibrated_weights, synthetic_faces
 from tests.launch import launch
@@ -26,7 +27,6 @@ from tests.torch_reference import IResNet
 from tests.torch_reference import randomize as randomize_iresnet
 from tests.torch_vit_reference import R2060_BLOCKS, get_torch_vit, randomize
 from tools import export as export_tool
-from utils.embedder import DygraphEmbedder, OnnxEmbedder, PaddleInferenceEmbedder, load_backbone
 from utils.lr_scheduler import PolynomialLRWarmup
 
 TOLERANCE = 1e-4  # max |paddle - torch| / max |torch| of the embeddings

@@ -29,9 +29,7 @@ warnings.filterwarnings("ignore", message="No ccache found")
 
 import numpy as np
 
-from utils.atomic import temp_dir_beside
-from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
-from utils.embedder import (
+from deploy.embedder import (
     META_NAME,
     ONNX_MODEL,
     PADDLE_MODEL,
@@ -43,6 +41,8 @@ from utils.embedder import (
     file_sha256,
     load_backbone,
 )
+from utils.atomic import temp_dir_beside
+from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
 from utils.image import INPUT_SIZE
 from utils.synthetic import render_face, sample_identity
 

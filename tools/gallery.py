@@ -27,11 +27,11 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 os.environ.setdefault("GLOG_minloglevel", "2")
 warnings.filterwarnings("ignore", message="No ccache found")
 
+from deploy.embedder import add_model_args, embedder_from_args
+from deploy.face_detect import add_detection_args, detection_from_args
+from deploy.face_files import list_images, load_crops, load_landmarks
+from deploy.gallery import GalleryIndex, build_index
 from utils.cli import USER_ERRORS, check_writable, finite_float, positive_int
-from utils.embedder import add_model_args, embedder_from_args
-from utils.face_detect import add_detection_args, detection_from_args
-from utils.face_files import list_images, load_crops, load_landmarks
-from utils.gallery import GalleryIndex, build_index
 
 
 def gallery_labels(root: Path) -> tuple[list[str], list[str]]:

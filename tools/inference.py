@@ -30,10 +30,10 @@ warnings.filterwarnings("ignore", message="No ccache found")
 
 import numpy as np
 
+from deploy.embedder import add_model_args, embedder_from_args, l2_normalize
+from deploy.face_detect import add_detection_args, detection_from_args
+from deploy.face_files import atomic_write, list_images, load_crops, load_landmarks
 from utils.cli import USER_ERRORS, check_writable
-from utils.embedder import add_model_args, embedder_from_args, l2_normalize
-from utils.face_detect import add_detection_args, detection_from_args
-from utils.face_files import atomic_write, list_images, load_crops, load_landmarks
 
 
 def main(argv: list[str] | None = None) -> int:

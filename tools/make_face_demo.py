@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import cv2
 import numpy as np
 
-from utils.face_files import atomic_write
+from deploy.face_files import atomic_write
 from utils.synthetic import render_face, sample_identity
 
 UNKNOWN_NAME = "stranger"

@@ -36,11 +36,11 @@ warnings.filterwarnings("ignore", message="No ccache found")
 import cv2
 import numpy as np
 
+from deploy.embedder import add_model_args, embedder_from_args
+from deploy.face_detect import HAAR_CASCADE, add_detection_args, crop_face, detection_from_args, no_face_message
+from deploy.face_files import atomic_write, read_rgb
+from deploy.gallery import UNKNOWN, GalleryIndex
 from utils.cli import USER_ERRORS, check_writable, finite_float, positive_int
-from utils.embedder import add_model_args, embedder_from_args
-from utils.face_detect import HAAR_CASCADE, add_detection_args, crop_face, detection_from_args, no_face_message
-from utils.face_files import atomic_write, read_rgb
-from utils.gallery import UNKNOWN, GalleryIndex
 
 NO_FACE_EXIT = 2
 

@@ -45,11 +45,11 @@ import paddle
 
 from backbones import get_model, load_weights
 from backbones.layers import PReLU
+from deploy.embedder import OnnxEmbedder, PaddleInferenceEmbedder, gpu_missing, onnx_gpu_missing, tensorrt_missing
 from losses import CombinedMarginLoss
 from partial_fc import PartialFC
 from utils.atomic import write_text_atomic
 from utils.cli import check_writable
-from utils.embedder import OnnxEmbedder, PaddleInferenceEmbedder, gpu_missing, onnx_gpu_missing, tensorrt_missing
 
 NETWORK, WIDTH, DIM = "r18", 0.25, 32  # the small net of the backbone, head and multi-GPU checks
 COSINE_AMP = 0.999    # fp32 vs AMP fp16 embeddings (per sample)

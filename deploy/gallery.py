@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from utils.embedder import l2_normalize
-from utils.face_files import atomic_write
+from deploy.embedder import l2_normalize
+from deploy.face_files import atomic_write
 
 FORMAT_VERSION = 1
 UNKNOWN = "unknown"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.face_detect import Detection, single_face_crop
 from utils.atomic import write_bytes_atomic
-from utils.face_detect import Detection, single_face_crop
 from utils.image import decode_rgb, norm_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -73,7 +73,7 @@ def load_landmarks(path: str | Path) -> dict[str, np.ndarray]:
 def face_crop(root: Path, name: str, landmarks: dict[str, np.ndarray] | None = None,
               detection: Detection | None = None) -> tuple[np.ndarray, str]:
     """The 112x112 crop of one image and how it was made: aligned by its landmarks ("landmarks") when a landmarks
-    file is given, else `utils.face_detect.single_face_crop` (default `Detection()`: the Haar cascade)."""
+    file is given, else `deploy.face_detect.single_face_crop` (default `Detection()`: the Haar cascade)."""
     img = read_rgb(root / name)
     if landmarks is not None:
         points = landmarks.get(name, landmarks.get(Path(name).name))
