@@ -404,11 +404,11 @@ def image_folder_listing(root: Path) -> LabelListing:
 
 
 class SyntheticFaceDataset(RecordIODataset):
-    """The built-in procedural face set (utils.synthetic), generated into `cache_dir` on first use."""
+    """The built-in procedural face set (synthetic.py), generated into `cache_dir` on first use."""
 
     def __init__(self, cache_dir: str | os.PathLike, identities: int, images_per_id: int, val_pairs: int,
                  seed: int, train: bool = True) -> None:
-        from utils.synthetic import ensure_synthetic
+        from synthetic import ensure_synthetic
 
         root = ensure_synthetic(cache_dir, identities, images_per_id, val_pairs, seed)
         super().__init__(root, train=train, seed=seed)
@@ -418,7 +418,7 @@ class SyntheticFaceDataset(RecordIODataset):
 def dataset_dir(cfg: Any) -> Path:
     """The directory holding train.rec (or the image folder) and the .bin validation sets."""
     if cfg.data == "synthetic":
-        from utils.synthetic import ensure_synthetic
+        from synthetic import ensure_synthetic
 
         return ensure_synthetic(cfg.cache_dir, cfg.synthetic_identities, cfg.synthetic_images_per_id,
                                 cfg.synthetic_val_pairs, cfg.seed)

@@ -77,7 +77,7 @@ def synthetic_bin(directory: Path, n_pairs: int) -> Path:
     import cv2
 
     from eval.bin_io import write_bin
-    from utils.synthetic import render_face, sample_identity
+    from utils.faces import render_face, sample_identity
 
     rng = np.random.default_rng(0)
     people = [sample_identity(rng) for _ in range(max(2, n_pairs // 4))]

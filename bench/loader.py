@@ -45,8 +45,8 @@ from dataset import (
     build_dataloader,
     to_model_input,
 )
+from synthetic import ensure_synthetic
 from utils.image import decode_or_none
-from utils.synthetic import ensure_synthetic
 
 
 def cpu_seconds() -> tuple[float, float]:

@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from eval.bin_io import load_bin
-    from utils.synthetic import VAL_BIN_NAME, ensure_synthetic
+    from synthetic import VAL_BIN_NAME, ensure_synthetic
 
     root = ensure_synthetic(args.cache_dir, args.identities, args.images_per_id, args.val_pairs, args.seed)
     val = load_bin(root / VAL_BIN_NAME, progress=False)

@@ -2,7 +2,7 @@
 
     python -m eval.make_ijb --out DIR --target IJBC --identities 8 --templates-per-id 3 --seed 0
 
-Each identity (utils.synthetic) gets several templates; a template holds 1-3 media (a still or a video) and a media
+Each identity (utils/faces.py) gets several templates; a template holds 1-3 media (a still or a video) and a media
 1-3 frames. Every frame is a synthetic face pasted, rotated and scaled, into a larger "loose crop" with a random
 background, and its 5 landmarks are mapped into that crop -- so eval.ijb has to align it, as on the real data.
 All template pairs are listed (genuine = same identity). The output directory is written atomically.
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from utils.atomic import temp_dir_beside
-from utils.synthetic import render_face, sample_identity
+from utils.faces import render_face, sample_identity
 
 JPEG_QUALITY = 95
 

@@ -13,8 +13,8 @@ import numpy as np
 import paddle
 
 import backbones
+from utils.faces import render_face, sample_identity
 from utils.image import preprocess_batch
-from utils.synthetic import render_face, sample_identity
 
 
 def synthetic_faces(count: int, seed: int = 0) -> np.ndarray:

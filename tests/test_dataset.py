@@ -200,9 +200,9 @@ def test_build_dataset_and_dataset_dir(tmp_path):
 
 
 def test_synthetic_dataset_is_a_recordio_dataset(tmp_path):
-    synthetic = pytest.importorskip("utils.synthetic")
+    synthetic = pytest.importorskip("synthetic")
     if not hasattr(synthetic, "ensure_synthetic"):
-        pytest.skip("utils.synthetic.ensure_synthetic not written yet")
+        pytest.skip("synthetic.ensure_synthetic not written yet")
     cfg = cfg_for("synthetic", cache_dir=str(tmp_path))
     ds = D.build_dataset(cfg)
     assert isinstance(ds, D.SyntheticFaceDataset) and len(ds) == 8 and ds.num_classes == 4

@@ -19,7 +19,7 @@ from tools import gallery as gallery_tool
 from tools import inference as inference_tool
 from tools import recognize as recognize_tool
 from tools.make_face_demo import make_demo
-from utils.synthetic import render_face, sample_identity
+from utils.faces import render_face, sample_identity
 
 HAAR = "haarcascade_frontalface_alt2.xml"
 

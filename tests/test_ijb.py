@@ -155,7 +155,7 @@ def test_inconsistent_meta_files_are_clear_errors(ijb_copy, file, edit, message)
 
 def test_loose_crop_landmarks_follow_the_face():
     """Aligning the pasted face with its mapped landmarks gives back the face aligned from the original ones."""
-    from utils.synthetic import render_face, sample_identity
+    from utils.faces import render_face, sample_identity
 
     rng = np.random.default_rng(3)
     face, marks = render_face(sample_identity(rng), rng)

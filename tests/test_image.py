@@ -42,7 +42,7 @@ def test_jpeg_pixels_equal_cv2(sampling, progressive):
 
 
 def test_dataset_jpegs_equal_cv2(shared_fixtures, tmp_path):
-    from utils.synthetic import ensure_synthetic
+    from synthetic import ensure_synthetic
 
     sources = [D.RecordIODataset(shared_fixtures / "mxnet_written", train=False),
                D.RecordIODataset(ensure_synthetic(tmp_path, 20, 4, 20, 3), train=False)]

@@ -50,7 +50,7 @@ def test_data_tools_outputs_take_their_mode_from_the_umask(umask: int, tmp_path:
 
 
 def test_synthetic_cache_takes_its_mode_from_the_umask(umask: int, tmp_path: Path) -> None:
-    from utils.synthetic import ensure_synthetic
+    from synthetic import ensure_synthetic
 
     path = ensure_synthetic(tmp_path, 2, 1, 4, seed=0)
     assert _mode(path) == 0o777 & ~umask
@@ -72,12 +72,12 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path: Path) -> 
 
 
 def test_a_failed_synthetic_generation_names_the_set_and_leaves_nothing(tmp_path: Path) -> None:
-    code = ("import resource, signal, sys; from utils.synthetic import ensure_synthetic; "
+    code = ("import resource, signal, sys; from synthetic import ensure_synthetic; "
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
             "ensure_synthetic(sys.argv[1], 20, 4, 20, seed=0)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
-    from utils.synthetic import cache_name
+    from synthetic import cache_name
 
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"OSError: [Errno 27] File too large: '{tmp_path / cache_name(20, 4, 20, 0)}'", proc.stderr
@@ -150,7 +150,7 @@ def test_only_abandoned_temp_dirs_are_removed(tmp_path: Path) -> None:
 
 
 def test_synthetic_generation_removes_a_killed_generators_temp_dir(tmp_path: Path) -> None:
-    from utils.synthetic import cache_name, ensure_synthetic
+    from synthetic import cache_name, ensure_synthetic
 
     final = tmp_path / cache_name(2, 1, 4, 0)
     _, dead_tmp = _make_temp_dir_in_child(tmp_path / cache_name(50, 20, 100, 0), hold=False)  # another set's

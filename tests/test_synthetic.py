@@ -1,4 +1,4 @@
-"""utils/synthetic.py: the renderer, the generated dataset's layout, determinism, held-out val, caching."""
+"""synthetic.py and utils/faces.py: the renderer, the generated dataset's layout, determinism, held-out val, caching."""
 
 from __future__ import annotations
 
@@ -13,17 +13,9 @@ import pytest
 from eval.bin_io import load_bin, read_bin
 from eval.verification import evaluate
 from mxnet_reader import MXIndexedRecordIO, unpack
+from synthetic import VAL_BIN_NAME, cache_name, ensure_synthetic, generate, main, val_pairs_plan
+from utils.faces import render_face, sample_identity
 from utils.image import ARCFACE_TEMPLATE, decode_rgb, preprocess_batch
-from utils.synthetic import (
-    VAL_BIN_NAME,
-    cache_name,
-    ensure_synthetic,
-    generate,
-    main,
-    render_face,
-    sample_identity,
-    val_pairs_plan,
-)
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("train.rec", "train.idx", "property", VAL_BIN_NAME)
@@ -133,7 +125,7 @@ def test_ensure_synthetic_generates_once_and_reuses(tmp_path):
 
 @pytest.mark.slow
 def test_ensure_synthetic_two_processes_at_once(tmp_path):
-    code = ("import sys; from utils.synthetic import ensure_synthetic; "
+    code = ("import sys; from synthetic import ensure_synthetic; "
             "print(ensure_synthetic(sys.argv[1], 20, 4, 20, seed=2))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]

@@ -95,7 +95,7 @@ def test_more_folds_than_pairs_is_an_error():
 @pytest.fixture(scope="module")
 def small_bin(tmp_path_factory):
     """12 pairs of 112x112 JPEGs written with eval.bin_io: faces of 6 synthetic identities."""
-    from utils.synthetic import render_face, sample_identity
+    from utils.faces import render_face, sample_identity
 
     rng = np.random.default_rng(0)
     people = [sample_identity(rng) for _ in range(6)]

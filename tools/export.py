@@ -43,8 +43,8 @@ from deploy.embedder import (
 )
 from utils.atomic import temp_dir_beside
 from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
+from utils.faces import render_face, sample_identity
 from utils.image import INPUT_SIZE
-from utils.synthetic import render_face, sample_identity
 
 ONNX_OPSET = 11
 
@@ -102,7 +102,7 @@ def save_onnx(out_dir: Path) -> None:
 def parity(reference: DygraphEmbedder, exported: list, batch_size: int | None, seed: int = 0) -> dict[str, float]:
     """Max abs difference of each exported model's embeddings from the dynamic graph's on one batch.
 
-    The batch is synthetic faces (utils.synthetic), the kind of input a face model is made for: on random noise a
+    The batch is synthetic faces (utils/faces.py), the kind of input a face model is made for: on random noise a
     trained network's activations, and with them float32 rounding differences, can be far larger than on faces.
     """
     rng = np.random.default_rng(seed)

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from deploy.face_files import atomic_write
-from utils.synthetic import render_face, sample_identity
+from utils.faces import render_face, sample_identity
 
 UNKNOWN_NAME = "stranger"
 

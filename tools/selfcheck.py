@@ -407,7 +407,7 @@ def check_data(m: Machine) -> str:
     """The training loader's images/s (1 worker) against a single core decoding the same JPEGs (bench/loader.py)."""
     from bench.loader import cv2_imdecode, decode_rate, loader_rate
     from dataset import RecordIODataset
-    from utils.synthetic import ensure_synthetic
+    from synthetic import ensure_synthetic
 
     identities = 40 if m.quick else 200
     with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
