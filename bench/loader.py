@@ -84,7 +84,7 @@ def breakdown(ds: RecordIODataset, payloads: list[bytes], batch_size: int) -> di
     steps = {  # each result is dropped at once, as a training loop drops its batches
         "cv2_imdecode": (cv2_imdecode, payloads[:n]),
         "decoder": (decode_or_none, payloads[:n]),
-        "read_records": (ds._samples, batches),
+        "read_records": (ds.raw_payloads, batches),
         "worker_load_batch": (lambda b: ds.load_batch(b, 0, images, labels), batches),
         "main_copy_out": (lambda _: np.copyto(copy, images), batches),
         "model_input_cpu": (lambda _: to_model_input(batch), batches),  # the training step's, not the loader's
@@ -126,7 +126,7 @@ def loader_rate(ds: RecordIODataset, batch_size: int, workers: int, epoch: int) 
         if i == 4:
             break
     loader.batch_sampler.set_epoch(epoch + 1)
-    pids = [p.pid for p in loader._pool._processes] if workers else []
+    pids = loader.worker_pids()
     own, children = cpu_seconds()[0], sum(process_cpu_seconds(pid) for pid in pids)
     start = time.perf_counter()
     for _ in loader:
@@ -174,7 +174,7 @@ def main() -> None:
 
     root = ensure_synthetic(args.cache_dir, args.identities, args.images_per_id, args.val_pairs, args.seed)
     ds = RecordIODataset(root, train=True, seed=args.seed)
-    payloads = [bytes(p) for p in ds._samples(np.arange(len(ds)))[0]]
+    payloads = [bytes(p) for p in ds.raw_payloads(np.arange(len(ds)))]
     decode_rate(payloads[:256], cv2_imdecode)  # warm-up
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in (
         "ceiling", "decoder", "workers1", "workers2", "paddle_1")}

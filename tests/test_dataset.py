@@ -112,11 +112,13 @@ def test_training_flips_depend_on_seed_epoch_and_index(shared_fixtures):
 def test_model_input_equals_preprocess_on_cpu_and_with_paddle_ops():
     import paddle
 
+    from utils.loader import _normalise_with_paddle_ops as normalise_with_paddle_ops
+
     batch = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
     batch[0, 0, :4, 0] = [0, 127, 128, 255]
     expected = np.stack([preprocess(im) for im in batch])
     np.testing.assert_array_equal(D.to_model_input(paddle.to_tensor(batch)).numpy(), expected)
-    np.testing.assert_array_equal(D._normalise_with_paddle_ops(paddle.to_tensor(batch)).numpy(), expected)
+    np.testing.assert_array_equal(normalise_with_paddle_ops(paddle.to_tensor(batch)).numpy(), expected)
 
 
 # -- layouts ------------------------------------------------------------------------------------------------
@@ -186,6 +188,17 @@ def test_image_folder_label_file_and_identity_folders(tmp_path):
     np.testing.assert_array_equal(ds[3][0], preprocess(images[3][:, :, ::-1].copy()))
 
 
+def test_identity_folders_take_every_image_kind_a_gallery_takes(tmp_path):
+    """One IMAGE_EXTENSIONS for training folders and the gallery tools: a .tif went into a gallery, not training."""
+    image = face_like(np.random.default_rng(1))
+    for name in ("a/1.tif", "a/2.TIFF", "b/3.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / name), image)
+    ds = D.ImageFolderDataset(tmp_path, train=False)
+    assert len(ds) == 3 and [int(ds[i][1]) for i in range(3)] == [0, 0, 1]
+    np.testing.assert_array_equal(ds[0][0], preprocess(image[:, :, ::-1].copy()))
+
+
 def test_build_dataset_and_dataset_dir(tmp_path):
     rec = write_rec(tmp_path / "rec", [0, 1, 0, 1])
     assert isinstance(D.build_dataset(cfg_for(rec)), D.RecordIODataset)
@@ -204,6 +217,8 @@ def test_synthetic_dataset_is_a_recordio_dataset(tmp_path):
     if not hasattr(synthetic, "ensure_synthetic"):
         pytest.skip("synthetic.ensure_synthetic not written yet")
     cfg = cfg_for("synthetic", cache_dir=str(tmp_path))
+    assert not D.dataset_dir(cfg).exists()  # a getter: generating is prepare_dataset's job
+    assert D.prepare_dataset(cfg) == D.dataset_dir(cfg) and D.dataset_dir(cfg).is_dir()
     ds = D.build_dataset(cfg)
     assert isinstance(ds, D.SyntheticFaceDataset) and len(ds) == 8 and ds.num_classes == 4
     assert D.dataset_dir(cfg) == Path(ds.source) and (Path(ds.source) / "synth_val.bin").is_file()

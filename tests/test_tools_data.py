@@ -17,7 +17,6 @@ import pytest
 from eval.bin_io import load_bin, read_bin, write_bin
 from mxnet_reader import MXIndexedRecordIO, unpack
 from tools import bin_tool, check_dataset, images2rec, rec2images
-from tools._data import raw_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("rec2images", "images2rec", "check_dataset", "bin_tool")
@@ -74,7 +73,7 @@ def test_images2rec_folders_remap_and_reencode(tmp_path):
     from dataset import RecordIODataset
 
     ds = RecordIODataset(tmp_path / "out", train=False)
-    stored = [raw_sample(ds, i) for i in range(len(ds))]
+    stored = [ds.raw_sample(i) for i in range(len(ds))]
     assert [label for _, label, _ in stored] == [0, 1, 1, 2, 2]
     assert [p for p, _, _ in stored[:3]] == [files["alice/x.jpg"], files["bob/a.jpg"], files["bob/b.png"]]
     for payload, _, _ in stored[3:]:  # resized / re-encoded

@@ -35,10 +35,10 @@ pytestmark = pytest.mark.slow
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synthetic set, generated here: whichever test runs first sees no progress bar on its stderr."""
     from config import parse_args
-    from dataset import dataset_dir
+    from dataset import prepare_dataset
 
     cache = tmp_path_factory.mktemp("synthetic_cache")
-    dataset_dir(parse_args(tiny_args(cache, cache, "unused")))
+    prepare_dataset(parse_args(tiny_args(cache, cache, "unused")))
     return cache
 
 

@@ -1,4 +1,4 @@
-"""What the data tools share: opening a dataset directory, reading its raw samples, naming image files."""
+"""What the data tools share: opening a dataset directory strictly, naming image files, staging an output folder."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from utils.atomic import temp_dir_beside
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # dataset imports paddle
@@ -18,25 +16,10 @@ warnings.filterwarnings("ignore", message="No ccache found")
 
 
 def open_dataset(path: Path, num_classes: int | None = None):
-    """A RecordIODataset if `path` holds train.rec, else an ImageFolderDataset (label.txt or identity folders)."""
-    from dataset import ImageFolderDataset, RecordIODataset
+    """The set at `path` as the tools read it: strict (a bad sample is an error) and without flips."""
+    from dataset import open_dataset as open_training_set
 
-    cls = RecordIODataset if (path / "train.rec").exists() else ImageFolderDataset
-    return cls(path, train=False, strict=True, num_classes=num_classes)
-
-
-def raw_sample(ds, index: int) -> tuple[bytes, int, str]:
-    """(encoded image bytes exactly as stored, label, name) of sample `index`, without decoding; an unreadable
-    sample raises its error (a RecordIOError or OSError naming the file)."""
-    payloads, labels = ds._samples(np.array([index]))
-    if isinstance(payloads[0], Exception):
-        raise payloads[0]
-    return bytes(payloads[0]), int(labels[0]), ds._name(index)
-
-
-def record_key(ds, index: int) -> int:
-    """The .rec key of sample `index` of a RecordIODataset."""
-    return int(ds._keys[index])
+    return open_training_set(path, train=False, strict=True, num_classes=num_classes)
 
 
 def image_suffix(payload: bytes) -> str:

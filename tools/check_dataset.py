@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import numpy as np
 from tqdm import tqdm
 
-from tools._data import open_dataset, raw_sample
+from tools._data import open_dataset
 from utils.image import INPUT_SIZE, decode_rgb
 
 HISTOGRAM_EDGES = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500)
@@ -39,7 +39,7 @@ def check(path: Path, decode: bool = True, num_classes: int | None = None, progr
     labels = []
     for i in tqdm(range(len(ds)), desc=f"check {path.name}", unit="img", disable=not progress):
         try:
-            payload, label, name = raw_sample(ds, i)
+            payload, label, name = ds.raw_sample(i)
         except (OSError, ValueError) as e:
             problems["unreadable"].append(f"sample {i}: {e}")
             continue

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 
 from tqdm import tqdm
 
-from tools._data import image_suffix, open_dataset, raw_sample, record_key, staged_dir
+from tools._data import image_suffix, open_dataset, staged_dir
 
 
 def rec_to_images(data_dir: Path, out_dir: Path, progress: bool = True) -> tuple[int, int]:
@@ -27,11 +27,11 @@ def rec_to_images(data_dir: Path, out_dir: Path, progress: bool = True) -> tuple
     lines, labels = [], set()
     with staged_dir(out_dir) as tmp:
         for i in tqdm(range(len(ds)), desc=f"rec2images {data_dir.name}", unit="img", disable=not progress):
-            payload, label, _ = raw_sample(ds, i)
+            payload, label, _ = ds.raw_sample(i)
             if label not in labels:
                 (tmp / "images" / str(label)).mkdir(parents=True, exist_ok=True)
                 labels.add(label)
-            name = f"images/{label}/{record_key(ds, i)}{image_suffix(payload)}"
+            name = f"images/{label}/{ds.record_key(i)}{image_suffix(payload)}"
             (tmp / name).write_bytes(payload)
             lines.append(f"{name}\t{label}\n")
         (tmp / "label.txt").write_text("".join(lines), encoding="utf-8")

@@ -13,6 +13,8 @@ import numpy as np
 import simplejpeg
 
 INPUT_SIZE = 112
+# the image files every tool and training folder accepts (what cv2.imdecode reads; lower-case, compared lower-cased)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # The five-point ArcFace template for a 112x112 crop: left eye, right eye, nose, left and right mouth corner.
 ARCFACE_TEMPLATE = np.array(
