@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from paddle import nn
 
+from utils.weights import load_weights
+
 from .iresnet import STAGE_BLOCKS, IResNet, iresnet
 from .mobilefacenet import ARCHITECTURES, MobileFaceNet, mobilefacenet
 from .vit import ARCHITECTURES as VIT_ARCHITECTURES
 from .vit import VisionTransformer, vit
-from .weights import load_weights
 
 NETWORKS = (*STAGE_BLOCKS, *ARCHITECTURES, *VIT_ARCHITECTURES)
 

@@ -61,22 +61,35 @@ def temp_dir_beside(path: str | Path) -> Path:
             raise with_path(e, path) from e
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a directory's entries (a rename inside it), to disk. Windows cannot open a directory and
+    makes a rename durable by itself, so a directory is skipped there."""
+    is_dir = Path(path).is_dir()
+    if is_dir and not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY if is_dir else os.O_RDWR)  # Windows flushes only a writable handle
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; write the file there.
 
-    When the block succeeds the file is fsynced and renamed over `path` (rename is atomic within a directory);
-    when it fails, or is killed, `path` keeps its old content and the temporary file is removed. An OSError
-    (full disk, no permission) names `path`.
+    When the block succeeds the file is fsynced, renamed over `path` (rename is atomic within a directory) and the
+    directory fsynced, so the new content survives a power cut; when it fails, or is killed, `path` keeps its old
+    content and the temporary file is removed. An OSError (full disk, no permission) names `path`.
     """
     path = Path(path)
     tmp = _new_temp_file(path)
     with errors_name(path, tmp):
         try:
             yield tmp
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_path(tmp)
             os.replace(tmp, path)
+            fsync_path(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -24,43 +24,35 @@ from typing import Any
 import numpy as np
 import paddle
 
-from backbones import load_weights
-from config import Config, ConfigError, config_from_json
 from utils import atomic
+from utils.atomic import fsync_path, write_text_atomic
 from utils.distributed import barrier
 from utils.safe_pickle import load_paddle_state
+from utils.weights import load_weights
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 # Keys a checkpoint must share with the config that resumes it (other keys, e.g. lr or val_every, may change).
 MUST_MATCH = ("network", "width", "embedding_size", "num_classes", "optimizer")
 # Test hook: seconds to sleep between the files of a checkpoint, so a test can SIGKILL a writer mid-way.
-_WRITE_DELAY = float(os.environ.get("ARCFACE_CHECKPOINT_WRITE_DELAY", "0"))
+WRITE_DELAY_VARIABLE = "ARCFACE_CHECKPOINT_WRITE_DELAY"
 
 
 def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _test_delay() -> None:
+    """The crash test's window between two files (read when writing, so importing reads no environment)."""
+    delay = float(os.environ.get(WRITE_DELAY_VARIABLE, "0"))
+    if delay:
+        time.sleep(delay)
 
 
 def _written(path: Path) -> None:
     """Flush a file just written inside the checkpoint (and give the crash test its window)."""
-    _fsync(path)
-    if _WRITE_DELAY:
-        time.sleep(_WRITE_DELAY)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` all at once: temp file in the same directory, fsync, os.replace."""
-    atomic.write_text_atomic(path, text)
-    _fsync(path.parent)
+    fsync_path(path)
+    _test_delay()
 
 
 def save_paddle_atomic(obj: Any, path: Path) -> None:
@@ -122,7 +114,7 @@ def set_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: paddle.nn.
 
 
 def save_checkpoint(run_dir: Path, step: int, *, backbone: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer,
-                    pfc: Any, trainer_state: dict[str, Any], cfg: Config, rank: int, world: int, keep: int) -> Path:
+                    pfc: Any, trainer_state: dict[str, Any], cfg: Any, rank: int, world: int, keep: int) -> Path:
     """Write checkpoint `step` atomically (every rank calls this; all write their shards, rank 0 the rest)."""
     root = run_dir / CHECKPOINTS
     final = root / step_name(step)
@@ -135,8 +127,7 @@ def save_checkpoint(run_dir: Path, step: int, *, backbone: paddle.nn.Layer, opti
     barrier(world)
     try:  # a full disk's error names no file: name the checkpoint
         pfc.save(tmp)
-        if _WRITE_DELAY:
-            time.sleep(_WRITE_DELAY)
+        _test_delay()
         (tmp / f"rng.r{rank}.json").write_text(json.dumps(rng_state()))
         _written(tmp / f"rng.r{rank}.json")
         if rank == 0:
@@ -153,12 +144,12 @@ def save_checkpoint(run_dir: Path, step: int, *, backbone: paddle.nn.Layer, opti
     barrier(world)  # every rank's shards are on disk
     if rank == 0:
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         if final.exists():  # the same step written before (e.g. a resumed run): retire the old copy first
             _discard(final)
         os.rename(tmp, final)
-        _fsync(root)
+        fsync_path(root)
         write_text_atomic(root / LATEST, final.name + "\n")
         _prune(root, keep, final.name)
     barrier(world)
@@ -201,13 +192,12 @@ def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
                             f"(expected {base / CHECKPOINTS / LATEST} or a step_* directory)")
 
 
-def check_compatible(ckpt: Path, cfg: Config) -> Config:
-    """The checkpoint's config; ConfigError (one line) if it was trained with another model or head."""
-    saved = config_from_json(ckpt / "config.json")
-    diffs = [f"{k}={saved[k]!r} (this run: {cfg[k]!r})" for k in MUST_MATCH if saved[k] != cfg[k]]
+def check_compatible(ckpt: Path, cfg: Any) -> None:
+    """ValueError (one line) if the checkpoint was trained with another model or head than `cfg` (a config.Config)."""
+    saved = json.loads((ckpt / "config.json").read_text())
+    diffs = [f"{k}={saved.get(k)!r} (this run: {cfg[k]!r})" for k in MUST_MATCH if saved.get(k) != cfg[k]]
     if diffs:
-        raise ConfigError(f"checkpoint {ckpt} does not match the config: {', '.join(diffs)}")
-    return saved
+        raise ValueError(f"checkpoint {ckpt} does not match the config: {', '.join(diffs)}")
 
 
 def load_checkpoint(ckpt: Path, *, backbone: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer, pfc: Any,
