@@ -4,8 +4,9 @@
     python bench/train.py --networks mbf --steps 6 --repeats 3
 
 End-to-end = train.py itself (DataLoader workers decoding the rec, logging every step, metrics.jsonl), timed from
-the wall-clock stamps of its metrics records after a warm-up. Model-only = the same backbone, Partial FC head,
-optimizer and LR schedule stepped on random tensors in this process. The difference is what the data pipeline and
+the wall-clock stamps of its metrics records after a warm-up. Model-only = the same builders and training step
+(engine.step.TrainStep: input normalisation, forward, head, backward, both updates, LR schedule) on one random uint8
+batch in this process. The difference is what the data pipeline and
 logging cost. Measurements alternate (e2e, model, e2e, model, ...) so that load from other jobs hits both alike;
 medians are printed as one JSON line per network.
 """
@@ -13,6 +14,7 @@ medians are printed as one JSON line per network.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -29,11 +31,8 @@ import numpy as np
 import paddle
 
 import train
-from backbones import get_model
 from config import load_config
-from losses import build_margin_loss
-from partial_fc import PartialFC
-from utils.lr_scheduler import PolynomialLRWarmup
+from engine.step import Schedule, TrainStep, build_backbone, build_head, build_optimizer
 
 
 def end_to_end(args: argparse.Namespace, network: str, out: Path, run: str) -> float:
@@ -52,27 +51,21 @@ def end_to_end(args: argparse.Namespace, network: str, out: Path, run: str) -> f
 
 
 def model_only(args: argparse.Namespace, network: str, num_classes: int) -> float:
-    """Samples/s of the training step alone (forward, head, backward, both updates) on random tensors."""
+    """Samples/s of train.py's training step alone (engine.step.TrainStep) on one random uint8 batch."""
     cfg = load_config("synthetic", {"network": network, "width": args.width, "embedding_size": 512,
-                                    "batch_size": args.batch})
-    backbone = get_model(network, num_features=512, width=args.width)
-    pfc = PartialFC(build_margin_loss(cfg), 512, num_classes, sample_rate=1.0, seed=cfg.seed)
-    scheduler = PolynomialLRWarmup(cfg.lr, 0, 10_000)
-    optimizer = train._build_optimizer(cfg, backbone, scheduler)
+                                    "batch_size": args.batch, "num_classes": num_classes})
+    backbone = build_backbone(cfg)
+    scheduler = Schedule.of(cfg, args.identities * args.images_per_id // args.batch).scheduler(cfg)  # train.py's
+    trainer = TrainStep(backbone, build_head(cfg, num_classes), build_optimizer(cfg, backbone.parameters(), scheduler),
+                        scheduler)
     rng = np.random.default_rng(0)
-    images = paddle.to_tensor(rng.standard_normal((args.batch, 3, 112, 112), dtype=np.float32))
-    labels = paddle.to_tensor(rng.integers(0, num_classes, args.batch))
+    images = paddle.to_tensor(rng.integers(0, 256, (args.batch, 112, 112, 3), dtype=np.uint8))
+    batches = itertools.repeat((images, paddle.to_tensor(rng.integers(0, num_classes, args.batch))))
     backbone.train()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             start = time.perf_counter()
-        loss = pfc(backbone(images), labels)
-        float(loss)
-        loss.backward()
-        optimizer.step()
-        pfc.step(scheduler())
-        optimizer.clear_grad()
-        scheduler.step()
+        trainer(batches)
     return args.steps * args.batch / (time.perf_counter() - start)
 
 

@@ -1,8 +1,8 @@
 """The whole training step against arcface_torch's, forced-step protocol (docs/training.md, DESIGN.md section 3).
 
 Before every step the same float32 state (backbone weights and BN statistics, momentum buffers, centres and their
-momentum) goes into the project's real training pieces (backbones.get_model, losses.build_margin_loss, PartialFC at
-sample_rate 1, train._build_optimizer, utils.lr_scheduler, in train.py's order of operations) and into a float64 run
+momentum) goes into the project's real training pieces (engine.step's builders of the backbone, the Partial FC head
+at sample_rate 1 and the optimizer, utils.lr_scheduler, and the TrainStep that train.py steps) and into a float64 run
 of the PyTorch reference (tests/torch_train_reference.py). Both take one optimizer step on the same batch; then the
 change of every tensor is compared on its own, relative to the size of the reference's change. A tensor that moves on
 one side only fails whatever its size. The next step starts from the reference's result rounded to float32, so the
@@ -18,12 +18,9 @@ import paddle
 import pytest
 import torch
 
-import train
 from backbones import get_model
 from config import load_config
-from dataset import to_model_input
-from losses import build_margin_loss
-from partial_fc import PartialFC
+from engine.step import TrainStep, build_backbone, build_head, build_optimizer
 from tests.torch_reference import randomize
 from tests.torch_train_reference import ReferenceTrainer, get_scaled_model
 from utils import checkpoint as ckpt_io
@@ -69,20 +66,18 @@ def _paddle_layout(array: np.ndarray) -> np.ndarray:
 
 
 class Project:
-    """The project's training pieces, driven in train.py's order of operations (gradient_acc 1, no AMP)."""
+    """The project's training pieces, stepped by train.py's TrainStep (gradient_acc 1, no AMP)."""
 
     def __init__(self, network: str) -> None:
         self.cfg = load_config("synthetic", {"network": network, "width": WIDTH, "embedding_size": EMBEDDING,
                                              "lr": LR, "weight_decay": WEIGHT_DECAY, "warmup_epoch": 0,
                                              "num_classes": CLASSES})
         assert self.cfg.sample_rate == 1.0 and self.cfg.gradient_acc == 1 and self.cfg.clip_grad_norm == 5.0
-        self.backbone = get_model(network, num_features=EMBEDDING, width=WIDTH)
-        self.pfc = PartialFC(build_margin_loss(self.cfg), EMBEDDING, CLASSES, sample_rate=self.cfg.sample_rate,
-                             optimizer=self.cfg.optimizer, momentum=self.cfg.momentum,
-                             weight_decay=self.cfg.weight_decay, seed=self.cfg.seed, backend=self.cfg.pfc_backend,
-                             kernel=self.cfg.pfc_kernel)
+        self.backbone = build_backbone(self.cfg)
+        self.pfc = build_head(self.cfg, CLASSES)
         self.scheduler = PolynomialLRWarmup(self.cfg.lr, 0, TOTAL_STEPS)
-        self.optimizer = train._build_optimizer(self.cfg, self.backbone, self.scheduler)
+        self.optimizer = build_optimizer(self.cfg, self.backbone.parameters(), self.scheduler)
+        self.trainer = TrainStep(self.backbone, self.pfc, self.optimizer, self.scheduler)
         self.backbone.train()
 
     def load(self, state: State) -> None:
@@ -95,15 +90,8 @@ class Project:
         self.pfc.set_state_dict({**head, "weight": state.centres, "momentum": state.centres_momentum})
 
     def step(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-        embeddings = self.backbone(to_model_input(paddle.to_tensor(images)))
-        loss = self.pfc(embeddings.astype("float32"), paddle.to_tensor(labels))
-        (loss / self.cfg.gradient_acc).backward()
-        lr = self.scheduler()
-        self.optimizer.step()
-        self.pfc.step(lr)
-        self.optimizer.clear_grad()
-        self.scheduler.step()
-        return float(loss), lr
+        result = self.trainer(iter([(paddle.to_tensor(images), paddle.to_tensor(labels))]))
+        return result.loss, result.lr
 
     def state(self) -> State:
         """The state after the step; a momentum buffer the optimizer never created (no gradient) is as loaded."""

@@ -20,6 +20,7 @@ from backbones.__main__ import main as summary_main
 from backbones.vit import Linear
 from config import load_config
 from deploy.embedder import DygraphEmbedder, OnnxEmbedder, PaddleInferenceEmbedder, load_backbone
+from engine.step import build_optimizer
 from paddle_pretrainedmodel.convert_torch import convert_state_dict
 from tests.export_models import calibrated_weights, synthetic_faces
 from tests.launch import launch
@@ -202,7 +203,7 @@ def test_recompute_on_two_ranks_averages_gradients_like_data_parallel(tmp_path: 
 
 
 def test_adamw_decays_every_parameter_like_arcface_torch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """train._build_optimizer's AdamW (a ViT preset) == torch.optim.AdamW over all parameters + clip_grad_norm_(5).
+    """engine.step.build_optimizer's AdamW (a ViT preset) == torch.optim.AdamW over all parameters + clip_grad_norm_(5).
 
     arcface_torch passes every backbone parameter to AdamW in one group with the config's weight decay (biases,
     norms and pos_embed included); a decay left off any group would show here (the decay is ~10% of the update).
@@ -212,7 +213,7 @@ def test_adamw_decays_every_parameter_like_arcface_torch(monkeypatch: pytest.Mon
     model = get_model("vit_t", width=0.125, num_features=16)
     cfg = load_config("wf42m_pfc03_40epoch_8gpu_vit_t")
     scheduler = PolynomialLRWarmup(cfg.lr, 2, 100)
-    optimizer = train._build_optimizer(cfg, model, scheduler)
+    optimizer = build_optimizer(cfg, model.parameters(), scheduler)
     params = dict(model.named_parameters())
     trained = [n for n, p in params.items() if not p.stop_gradient]
     start = {n: params[n].numpy().copy() for n in trained}
