@@ -32,7 +32,8 @@ import numpy as np
 import paddle
 
 from mxnet_reader.insightface import exact_bound, image_keys, read_property
-from mxnet_reader.recordio import MXIndexedRecordIO, RecordIOError
+from mxnet_reader.reader import IndexedRecordReader
+from mxnet_reader.recordio import RecordIOError
 from utils.encoded_image import claimed_pixels, plausible_size
 from utils.image import IMAGE_EXTENSIONS, INPUT_SIZE, decode_or_none, preprocess
 from utils.label_file import LabelListing, read_label_file
@@ -203,7 +204,7 @@ class RecordIODataset(FaceDataset):
         for path in (rec, idx):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found (expected an InsightFace dataset directory)")
-        self._reader = MXIndexedRecordIO(idx, rec, "r")
+        self._reader = IndexedRecordReader(idx, rec)
         self._keys, identities = image_keys(self._reader)
         if num_classes is None:
             num_classes = self._property_classes(root, identities) or identities or self._scan_num_classes()

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mxnet_reader.recordio import IRHeader, MXIndexedRecordIO, RecordIOError, pack
+from mxnet_reader.reader import IndexedRecordReader
+from mxnet_reader.recordio import IRHeader, RecordIOError, pack
+from mxnet_reader.writer import IndexedRecordWriter
 from utils.atomic import write_text_atomic
 
 
@@ -30,7 +32,7 @@ def write_insightface_rec(out_dir: str | Path, samples: Iterable[tuple[int, byte
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = MXIndexedRecordIO(out_dir / "train.idx", out_dir / "train.rec", "w")
+    writer = IndexedRecordWriter(out_dir / "train.idx", out_dir / "train.rec")
     starts: list[int] = []  # first image key of each identity
     key = 0
     try:
@@ -58,7 +60,7 @@ def write_insightface_rec(out_dir: str | Path, samples: Iterable[tuple[int, byte
     return len(starts)
 
 
-def image_keys(reader: MXIndexedRecordIO) -> tuple[range | np.ndarray, int | None]:
+def image_keys(reader: IndexedRecordReader) -> tuple[range | np.ndarray, int | None]:
     """(keys of the image records, number of identity records or None) of an opened set.
 
     With a header record 0 (label [a, b]) the images are keys 1..a-1 and the identities keys a..b-1; the
@@ -83,7 +85,7 @@ def image_keys(reader: MXIndexedRecordIO) -> tuple[range | np.ndarray, int | Non
     return range(1, first_identity), end - first_identity
 
 
-def _is_header_record(reader: MXIndexedRecordIO, key: int) -> bool:
+def _is_header_record(reader: IndexedRecordReader, key: int) -> bool:
     """Identity (and header) records carry a label range and no image; keys past the index count too."""
     if key not in reader:
         return True
@@ -91,7 +93,7 @@ def _is_header_record(reader: MXIndexedRecordIO, key: int) -> bool:
     return header.flag >= 2 and not payload
 
 
-def _pinned_bound(reader: MXIndexedRecordIO, approx: float, is_past: Callable[[int], bool], what: str) -> int:
+def _pinned_bound(reader: IndexedRecordReader, approx: float, is_past: Callable[[int], bool], what: str) -> int:
     bound = exact_bound(approx, is_past)
     if bound is None:
         raise RecordIOError(f"{Path(reader.uri).parent}: header record 0 puts the end of the {what} records at key "

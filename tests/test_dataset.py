@@ -271,7 +271,7 @@ BAD_RECORDS = {3: r"key 3 at offset \d+: a record of 5 bytes is shorter than the
 def test_bad_records_of_any_kind_are_warned_with_file_and_key_and_replaced_by_good_samples(tmp_path, monkeypatch):
     """Was: a short record raised a bare struct.error, and each substitute was the next index, so a run of bad
     records cascaded into that crash."""
-    monkeypatch.setattr("mxnet_reader.recordio._OPEN_CHECK_SAMPLES", 2)  # as in a big set: key 7 is not checked
+    monkeypatch.setattr("mxnet_reader.reader._OPEN_CHECK_SAMPLES", 2)  # as in a big set: key 7 is not checked
     root = bad_records_set(tmp_path / "bad")
     ds = D.RecordIODataset(root, train=False)
     images, labels = np.empty((12, 112, 112, 3), np.uint8), np.empty(12, np.int64)

@@ -184,7 +184,7 @@ def test_read_idx_view_is_the_record_without_a_copy(mxnet_dir, tmp_path):
     assert bytes(views[5]) == open_fixture(mxnet_dir).read_idx(5)
     with pytest.raises(ValueError, match="closed"):
         reader.read_idx_view(5)
-    split = b"ab" + recordio._MAGIC_BYTES + b"cd"  # a split record comes back joined, magic restored
+    split = b"ab" + recordio.MAGIC_BYTES + b"cd"  # a split record comes back joined, magic restored
     with MXIndexedRecordIO(tmp_path / "s.idx", tmp_path / "s.rec", "w") as writer:
         writer.write_idx(0, split)
     assert bytes(MXIndexedRecordIO(tmp_path / "s.idx", tmp_path / "s.rec", "r").read_idx_view(0)) == split
@@ -196,7 +196,7 @@ def test_read_images_equals_unpack_of_read_idx(tmp_path, keys):
         recordio.pack((0, 3.0, 1, 0), b"jpeg bytes"),
         recordio.pack((0, [2.0, 7.5], 2, 0), b"two-float label"),
         recordio.pack((0, [11.0, 12.0], 0, 0), b""),  # an identity record: label range, no payload
-        recordio.pack((0, 4.0, 4, 0), b"xxxx" + recordio._MAGIC_BYTES + b"yy"),  # split: aligned magic
+        recordio.pack((0, 4.0, 4, 0), b"xxxx" + recordio.MAGIC_BYTES + b"yy"),  # split: aligned magic
         recordio.pack((0, 1.0, 5, 0), bytes(range(256)) * 40),
         recordio.pack((0, 9.0, 6, 0), b""),  # the last and shortest record: gathers past the file's end
     ]
@@ -214,7 +214,7 @@ def test_read_images_equals_unpack_of_read_idx(tmp_path, keys):
 
 
 def test_read_images_reports_a_misframed_record_with_its_key(copy_dir, monkeypatch):
-    monkeypatch.setattr(recordio, "_OPEN_CHECK_SAMPLES", 1)
+    monkeypatch.setattr("mxnet_reader.reader._OPEN_CHECK_SAMPLES", 1)
     edit_idx(copy_dir, 30, 6600)
     with pytest.raises(RecordIOError, match=r"key 30 at offset 6600: not a record boundary"):
         open_fixture(copy_dir).read_images(np.array([29, 30, 31]))
@@ -291,7 +291,7 @@ def test_bad_idx_offset_is_reported_at_open_with_key(copy_dir, offset, message):
 
 
 def test_bad_offset_outside_the_open_sample_is_caught_on_read(copy_dir, monkeypatch):
-    monkeypatch.setattr(recordio, "_OPEN_CHECK_SAMPLES", 1)  # as for a 42M-key index: only a sample at open
+    monkeypatch.setattr("mxnet_reader.reader._OPEN_CHECK_SAMPLES", 1)  # as for a 42M-key index: only a sample at open
     edit_idx(copy_dir, 30, 6600)
     reader = open_fixture(copy_dir)
     with pytest.raises(RecordIOError, match=r"key 30 at offset 6600: not a record boundary"):
@@ -350,3 +350,23 @@ def test_dense_lookup_needs_distinct_keys(tmp_path):
     reader = MXIndexedRecordIO(tmp_path / "d.idx", tmp_path / "d.rec", "r")
     assert 2 not in reader and recordio.unpack(reader.read_idx(3))[0].label == 3.0
     assert reader.covers(0, 2) and not reader.covers(0, 4) and reader.covers(3, 4) and reader.covers(5, 5)
+
+
+# -- reader and writer are separate classes behind mxnet's two entry points ----------------------------------
+def test_the_flag_picks_a_reader_or_a_writer_class(tmp_path):
+    from mxnet_reader import IndexedRecordReader, IndexedRecordWriter, RecordReader, RecordWriter
+
+    with MXIndexedRecordIO(tmp_path / "t.idx", tmp_path / "t.rec", flag="w") as writer:
+        assert type(writer) is IndexedRecordWriter and isinstance(writer, (MXIndexedRecordIO, MXRecordIO))
+        writer.write_idx(3, b"three")
+        assert writer.keys == [3] and 3 in writer and len(writer) == 1 and not hasattr(writer, "read_idx")
+    reader = MXIndexedRecordIO(tmp_path / "t.idx", tmp_path / "t.rec", "r")
+    assert type(reader) is IndexedRecordReader and isinstance(reader, MXIndexedRecordIO)
+    assert reader.read_idx(3) == b"three" and not hasattr(reader, "write_idx") and not hasattr(reader, "write")
+    assert type(MXRecordIO(tmp_path / "t.rec", "r")) is RecordReader
+    sequential = MXRecordIO(tmp_path / "u.rec", "w")
+    assert type(sequential) is RecordWriter and not hasattr(sequential, "read")
+    sequential.abort()
+    assert IndexedRecordReader(tmp_path / "t.idx", tmp_path / "t.rec").keys == [3]  # the classes directly
+    with pytest.raises(ValueError, match="flag 'r', got 'w'"):
+        RecordReader(tmp_path / "t.rec", "w")
