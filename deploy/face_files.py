@@ -13,9 +13,8 @@ import numpy as np
 
 from deploy.face_detect import Detection, single_face_crop
 from utils.atomic import write_bytes_atomic
-from utils.image import decode_rgb, norm_crop
+from utils.image import IMAGE_EXTENSIONS, decode_rgb, norm_crop
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 
