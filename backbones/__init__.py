@@ -15,8 +15,9 @@ from .vit import ARCHITECTURES as VIT_ARCHITECTURES
 from .vit import VisionTransformer, vit
 
 NETWORKS = (*STAGE_BLOCKS, *ARCHITECTURES, *VIT_ARCHITECTURES)
+DATA_FORMATS = ("NCHW", "NHWC")
 
-__all__ = ["NETWORKS", "IResNet", "MobileFaceNet", "VisionTransformer", "get_model", "load_weights"]
+__all__ = ["DATA_FORMATS", "NETWORKS", "IResNet", "MobileFaceNet", "VisionTransformer", "get_model", "load_weights"]
 
 
 def get_model(name: str, num_features: int = 512, fp16: bool = False, dropout: float = 0.0,
@@ -33,7 +34,7 @@ def get_model(name: str, num_features: int = 512, fp16: bool = False, dropout: f
         raise ValueError(f"width must be in (0, 4], got {width}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if data_format not in ("NCHW", "NHWC"):
+    if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be NCHW or NHWC, got {data_format!r}")
     if data_format == "NHWC" and name in VIT_ARCHITECTURES:
         raise ValueError(f"data_format NHWC is for the convolutional networks (iresnets, mbf); {name} has none")

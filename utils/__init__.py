@@ -1,1 +1,2 @@
-"""Shared helpers: image preprocessing, safe unpickling, checkpoints, logging, distributed glue, synthetic faces."""
+"""Shared helpers, the leaf layer (imports no other package of the project): image preprocessing, safe unpickling,
+atomic writes, weights and checkpoint files, logging, distributed glue, lr schedule, the procedural face renderer."""

@@ -1,0 +1,106 @@
+"""The layering of docs/architecture.md, read from the source with `ast`, and the allowed values of the config
+agreeing with the modules that implement them."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Library units from the bottom up: a unit may import itself and the units of LOWER rank, nothing else. utils/ is
+# the leaf. Programs (tools/, bench/, paddle_pretrainedmodel/, tests/) may import any unit; no unit imports them.
+RANKS = {
+    "utils": 0,
+    "config": 1, "losses": 1, "backbones": 1, "mxnet_reader": 1,
+    "pfc": 2, "deploy": 2,
+    "partial_fc": 3, "eval": 3,
+    "synthetic": 4,
+    "dataset": 5,
+    "engine": 6,
+    "train": 7,
+}
+PROGRAMS = ("tools", "bench", "paddle_pretrainedmodel", "tests")
+
+
+def top_level_units() -> set[str]:
+    return ({p.stem for p in ROOT.glob("*.py")}
+            | {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()})
+
+
+def unit_of(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imported_units(path: Path, units: set[str]) -> dict[str, int]:
+    """Project units `path` imports (at the top or inside a function) -> the first line that does."""
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            head = name.split(".")[0]
+            if head in units:
+                found.setdefault(head, node.lineno)
+    return found
+
+
+def library_files() -> list[Path]:
+    return sorted(p for p in ROOT.rglob("*.py")
+                  if p.relative_to(ROOT).parts[0] not in (*PROGRAMS, ".venv", "work_dirs", ".cache", "docs"))
+
+
+def test_every_library_module_has_a_layer() -> None:
+    """A new top-level module or package gets a place in RANKS (and in docs/architecture.md) on purpose."""
+    units = top_level_units() - set(PROGRAMS)
+    assert units <= set(RANKS), f"not in a layer: {sorted(units - set(RANKS))}"
+
+
+def test_library_modules_import_only_lower_layers() -> None:
+    units = top_level_units()
+    wrong = []
+    for path in library_files():
+        unit = unit_of(path)
+        for other, line in imported_units(path, units).items():
+            if other != unit and not (other in RANKS and RANKS[other] < RANKS.get(unit, -1)):
+                wrong.append(f"{path.relative_to(ROOT)}:{line} ({unit}, layer {RANKS.get(unit)}) imports {other} "
+                             f"(layer {RANKS.get(other, 'program')})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
+    """The walk finds imports inside functions too (the kind that hid utils/ -> eval/ before)."""
+    module = tmp_path / "m.py"
+    module.write_text("import os\n\ndef f():\n    from eval.bin_io import write_bin\n    import dataset.x\n")
+    assert imported_units(module, {"eval", "dataset", "utils"}) == {"eval": 4, "dataset": 5}
+
+
+def test_utils_is_a_leaf() -> None:
+    units = top_level_units()
+    upward = {str(p.relative_to(ROOT)): sorted(set(imported_units(p, units)) - {"utils"})
+              for p in (ROOT / "utils").glob("*.py")}
+    assert not {k: v for k, v in upward.items() if v}, upward
+
+
+@pytest.mark.parametrize("key, module, name", [
+    ("network", "backbones", "NETWORKS"),
+    ("data_format", "backbones", "DATA_FORMATS"),
+    ("loss", "losses", "LOSS_NAMES"),
+    ("margin_grad", "losses", "GRAD_MODES"),
+    ("optimizer", "pfc.spec", "OPTIMIZERS"),
+    ("pfc_backend", "partial_fc", "BACKENDS"),
+    ("pfc_kernel", "pfc.paddle_head", "KERNELS"),
+])
+def test_config_choices_are_what_the_modules_implement(key: str, module: str, name: str) -> None:
+    """config.py stays light (no Paddle import) and so spells the choices out; they must equal the implementations'."""
+    import importlib
+
+    from config import CHOICES
+
+    assert tuple(CHOICES[key]) == tuple(getattr(importlib.import_module(module), name)), (key, module, name)
