@@ -230,6 +230,12 @@ def _coerce(key: str, value: Any) -> Any:
 
 def validate(cfg: Config) -> None:
     """Reject values no module could use, naming the key."""
+    _check_values(cfg)
+    _check_consistency(cfg)
+
+
+def _check_values(cfg: Config) -> None:
+    """Each key on its own: a choice, a sign or a range."""
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"--{key}: {cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -244,6 +250,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{key}: must be >= 0, got {cfg[key]}")
     if not 0.0 < cfg.sample_rate <= 1.0:
         raise ConfigError(f"--sample_rate: must be in (0, 1], got {cfg.sample_rate}")
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Keys against each other, optional counts, and names that must mean a place."""
     if cfg.pfc_kernel == "fused" and cfg.pfc_backend == "numpy":
         raise ConfigError("--pfc_kernel: fused runs on the paddle backend, not --pfc_backend numpy")
     if cfg.warmup_epoch >= cfg.num_epoch:
