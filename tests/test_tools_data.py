@@ -228,3 +228,14 @@ def test_check_dataset_sizes_nothing_by_a_huge_num_classes(shared_fixtures, caps
     out = capsys.readouterr().out
     assert "identities without images: label 12" in out
     assert "identities without images: ... and 99999999977 more (99999999987 in all)" in out
+
+
+def test_gallery_reads_label_txt_with_the_one_label_file_reader(tmp_path):
+    """tools/gallery.py parsed label.txt itself: a byte-order mark became part of the first image name."""
+    from tools.gallery import gallery_labels
+
+    (tmp_path / "label.txt").write_bytes(b"\xef\xbb\xbfa.jpg\tann\r\nsub dir/b.jpg bob\r\n\r\n")
+    assert gallery_labels(tmp_path) == (["a.jpg", "sub dir/b.jpg"], ["ann", "bob"])
+    (tmp_path / "label.txt").write_text("a.jpg\n")
+    with pytest.raises(ValueError, match=r"label\.txt: line 1 is not 'path<TAB>label'"):
+        gallery_labels(tmp_path)

@@ -32,24 +32,17 @@ from deploy.face_detect import add_detection_args, detection_from_args
 from deploy.face_files import list_images, load_crops, load_landmarks
 from deploy.gallery import GalleryIndex, build_index
 from utils.cli import USER_ERRORS, check_writable, finite_float, positive_int
+from utils.label_file import read_label_file
 
 
 def gallery_labels(root: Path) -> tuple[list[str], list[str]]:
     """(image names relative to root, identity of each) from root/label.txt or the sub-folder layout."""
     label_file = root / "label.txt"
     if label_file.is_file():
-        names, labels = [], []
-        for n, line in enumerate(label_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2:
-                raise ValueError(f"{label_file}:{n}: expected 'path label', got {line!r}")
-            names.append(parts[0].strip())
-            labels.append(parts[1])
-        if not names:
+        listing = read_label_file(label_file, str)  # identities are names here, not class numbers
+        if not listing.paths:
             raise ValueError(f"{label_file}: no entries")
-        return names, labels
+        return listing.paths, listing.labels
     _, names = list_images(root)
     loose = [n for n in names if "/" not in n]
     if loose:
