@@ -56,6 +56,7 @@ COSINE_AMP = 0.999    # fp32 vs AMP fp16 embeddings (per sample)
 CPU_TOLERANCE = 1e-5  # relative, layouts / compilation / backends on the CPU
 GPU_TOLERANCE = 1e-3  # on GPUs, cuDNN picks different algorithms per layout and may use TF32
 LOADER_FLOOR = 0.5    # the loader with one worker below half the single-core decode rate is broken
+DIST_CLASSES, DIST_BATCH = 40, 16  # the 2-rank check's global batch; each rank takes half
 
 
 class Skip(Exception):
@@ -121,7 +122,7 @@ def _cpu_model() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
-def _small_model(m: Machine, **kwargs: Any) -> paddle.nn.Layer:
+def _small_model(**kwargs: Any) -> paddle.nn.Layer:
     """The small net with every tensor informative: random PReLU slopes and BatchNorm shifts (a layout or channel
     mix-up must show), and BatchNorm statistics of one random batch (activations stay O(1), as in a trained model,
     so that fp16 does not overflow and differences are measured at a realistic scale). Returned in train mode."""
@@ -180,7 +181,7 @@ def _step_ms(model: paddle.nn.Layer, x: np.ndarray, projection: np.ndarray, repe
 
 def check_backbone(m: Machine) -> str:
     """Forward and backward of a small iresnet on the training device: finite, and every parameter gets a gradient."""
-    model = _small_model(m)
+    model = _small_model()
     model.train()
     x, projection = _batch(8)
     result = _forward_backward(model, x, projection)  # warm-up (kernel selection)
@@ -196,7 +197,7 @@ def check_backbone(m: Machine) -> str:
 
 def check_backbone_nhwc(m: Machine) -> str:
     """NHWC holds the NCHW weights and gives the same embeddings and gradients (eval mode: no batch statistics)."""
-    nchw, nhwc = _small_model(m), _small_model(m, data_format="NHWC")
+    nchw, nhwc = _small_model(), _small_model(data_format="NHWC")
     nhwc.set_state_dict(nchw.state_dict())
     for model in (nchw, nhwc):
         model.eval()
@@ -216,7 +217,7 @@ def check_backbone_to_static(m: Machine) -> str:
     previous = PReLU.numpy_on_cpu
     PReLU.numpy_on_cpu = False  # the NumPy PReLU is dygraph-only: compare like with like
     try:
-        dygraph, compiled = _small_model(m), _small_model(m)
+        dygraph, compiled = _small_model(), _small_model()
         compiled.set_state_dict(dygraph.state_dict())
         compiled = paddle.jit.to_static(compiled, full_graph=True)
         x, projection = _batch(8)
@@ -237,7 +238,7 @@ def check_backbone_to_static(m: Machine) -> str:
 def check_backbone_amp(m: Machine) -> str:
     """AMP fp16 embeddings agree with fp32 (cosine per sample), in NCHW, NHWC and to_static."""
     m.need_gpu("AMP fp16 runs on GPUs only (Paddle has no fp16 CPU kernels for these networks)")
-    reference = _small_model(m)
+    reference = _small_model()
     reference.eval()
     x = paddle.to_tensor(_batch(8)[0])
     with paddle.no_grad():
@@ -245,7 +246,7 @@ def check_backbone_amp(m: Machine) -> str:
     cosines = {}
     for label, kwargs, compile_ in (("NCHW", {}, False), ("NHWC", {"data_format": "NHWC"}, False),
                                     ("to_static", {}, True)):
-        model = _small_model(m, fp16=True, **kwargs)
+        model = _small_model(fp16=True, **kwargs)
         model.set_state_dict(reference.state_dict())
         model.eval()
         if compile_:
@@ -347,7 +348,7 @@ def check_dist_2rank(m: Machine) -> str:
         raise Skip(f"needs 2 GPUs for NCCL ({m.gpu_reason}); without --quick the same check runs on 2 gloo CPU ranks")
     out = m.work / "dist"
     out.mkdir()
-    model = _small_model(m)
+    model = _small_model()
     paddle.save(model.state_dict(), str(out / "init.pdparams"))
     devices = ["--devices", "0,1"] if m.gpus else ["--nproc_per_node", "2"]
     cmd = [sys.executable, "-m", "paddle.distributed.launch", *devices, "--log_dir", str(out / "log"),
@@ -369,9 +370,6 @@ def check_dist_2rank(m: Machine) -> str:
     if not diff <= m.tolerance * 10:
         raise Failed(f"2-rank gradients differ from 1 rank in {key} by {diff:.2e} (relative)")
     return f"{'NCCL' if m.gpus else 'gloo (CPU)'} 2 ranks vs 1: max rel diff {diff:.1e} ({key})"
-
-
-DIST_CLASSES, DIST_BATCH = 40, 16  # the global batch; each of 2 ranks takes half
 
 
 def _dist_step(model: paddle.nn.Layer, world: int, rank: int = 0) -> dict[str, np.ndarray]:
@@ -432,7 +430,7 @@ def check_export(m: Machine) -> str:
     from tools.export import export
 
     weights = m.work / "backbone.pdparams"
-    paddle.save(_small_model(m).state_dict(), str(weights))
+    paddle.save(_small_model().state_dict(), str(weights))
     have_onnx = all(_importable(name) for name in ("paddle2onnx", "onnxruntime"))
     formats = ("paddle", "onnx") if have_onnx else ("paddle",)
     meta = export(NETWORK, weights, m.work / "exported", formats, width=WIDTH, embedding_size=DIM)
