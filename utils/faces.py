@@ -135,15 +135,8 @@ def _arc(x0: float, x1: float, y: float, bend: float) -> np.ndarray:
     return _ARC_T * (x1 - x0, bend) + (x0, y)
 
 
-def _draw_face(img: np.ndarray, p: Identity, rng: np.random.Generator) -> np.ndarray:
-    """Draw one face in the canonical (template-aligned) frame; return its 5 landmarks in that frame."""
-    yaw = rng.normal(0, 0.35)         # head turn: inner features slide sideways, the far ear hides
-    smile = p.mouth_curve + rng.normal(1.0, 1.6)
-    mouth_open = max(0.0, rng.normal(-0.5, 2.0))
-    eye_open = float(np.clip(rng.normal(1.0, 0.15), 0.1, 1.25)) if rng.uniform() > 0.05 else 0.15
-    brow_raise = rng.normal(0, 1.0)
-    cx = 56.0 + yaw * 2.0
-    fx = yaw * 5.0                    # shift of eyes and mouth
+def _draw_head(img: np.ndarray, p: Identity, rng: np.random.Generator, cx: float, fx: float, yaw: float) -> None:
+    """Hair, neck, shoulders, ears, the head's outline and facial hair (the face's features come after)."""
     skin_dark = p.skin * 0.78
     # hair behind the head, neck, shoulders (clothes change from photo to photo)
     if p.hair_style == 4:
@@ -187,10 +180,14 @@ def _draw_face(img: np.ndarray, p: Identity, rng: np.random.Generator) -> np.nda
     if p.beard >= 1:
         _poly(img, [[cx + fx - p.mouth_w - 2, p.mouth_y + 1], [cx + fx, p.mouth_y - 8], [cx + fx + p.mouth_w + 2,
                     p.mouth_y + 1], [cx + fx, p.mouth_y - 3]], p.hair * 0.8)
-    # eyes, iris, lids, brows
+
+
+def _draw_eyes(img: np.ndarray, p: Identity, rng: np.random.Generator, x: float, eye_open: float,
+               brow_raise: float) -> list[tuple[float, float]]:
+    """Both eyes (white, iris, pupil, lid) and brows around the middle `x`; their centres, left first."""
     eyes = []
     for side in (-1, 1):
-        ex, ey = cx + fx + side * p.eye_sep, p.eye_y
+        ex, ey = x + side * p.eye_sep, p.eye_y
         gaze = rng.normal(0, 0.8)
         _ellipse(img, (ex, ey), (p.eye_w, p.eye_h * eye_open), side * p.eye_tilt, np.array([235, 232, 225]))
         if eye_open > 0.3:
@@ -204,6 +201,20 @@ def _draw_face(img: np.ndarray, p: Identity, rng: np.random.Generator) -> np.nda
         cv2.polylines(img, [np.round(brow * _ONE).astype(np.int32)], False, _color(p.brow),
                       max(1, round(p.brow_thick)), _AA, _SHIFT)
         eyes.append((ex, ey))
+    return eyes
+
+
+def _draw_face(img: np.ndarray, p: Identity, rng: np.random.Generator) -> np.ndarray:
+    """Draw one face in the canonical (template-aligned) frame; return its 5 landmarks in that frame."""
+    yaw = rng.normal(0, 0.35)         # head turn: inner features slide sideways, the far ear hides
+    smile = p.mouth_curve + rng.normal(1.0, 1.6)
+    mouth_open = max(0.0, rng.normal(-0.5, 2.0))
+    eye_open = float(np.clip(rng.normal(1.0, 0.15), 0.1, 1.25)) if rng.uniform() > 0.05 else 0.15
+    brow_raise = rng.normal(0, 1.0)
+    cx = 56.0 + yaw * 2.0
+    fx = yaw * 5.0                    # shift of eyes and mouth
+    _draw_head(img, p, rng, cx, fx, yaw)
+    eyes = _draw_eyes(img, p, rng, cx + fx, eye_open, brow_raise)
     # nose: bridge shading, tip, nostrils
     nx, ny = cx + yaw * 8.0, p.nose_y
     _poly(img, [[nx - 2, ny - p.nose_len], [nx - p.nose_w * 0.6, ny], [nx + p.nose_w * 0.6, ny]], p.skin * 0.9)
