@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's note about C++ extensions
         warnings.filterwarnings("ignore", message="Tensor do not have 'place'")  # to_static's own backward builder
-        from backbones.cpu import prefer_avx2_mkl
         from engine.step import TrainingError
+        from utils.cpu import prefer_avx2_mkl
 
-        prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+        prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
         with sigint_noted() as interrupted:
             try:
                 return train(cfg)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("GLOG_minloglevel", "2")
+from utils.cli import start_program
 
 from . import NETWORKS
 from .summary import summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    start_program()
     parser = argparse.ArgumentParser(prog="python -m backbones", description=__doc__)
     parser.add_argument("--summary", action="store_true", help="print parameters and multiply-adds per backbone")
     parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated subset")

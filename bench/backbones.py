@@ -243,8 +243,8 @@ def bench_network(name: str, variants: dict[str, dict[str, Callable[[], None]]],
 
 
 def main(argv: list[str] | None = None) -> None:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    from utils.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", default="mbf,r18,r50")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (median); throughput uses half")

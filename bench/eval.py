@@ -119,8 +119,8 @@ def bench_models(networks: list[str], n_pairs: int, batch_size: int) -> list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    from utils.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
     parser = argparse.ArgumentParser(description="Speed of evaluate() (vs InsightFace's loops) and of test().")
     parser.add_argument("--repeats", type=int, default=20, help="runs of evaluate() (median reported)")
     parser.add_argument("--networks", nargs="+", default=["mbf", "r50"])

@@ -36,13 +36,14 @@ def prepare(network: str, workdir: Path) -> None:
     """Random torch weights -> converted .pdparams -> exported Paddle Inference + ONNX models in `workdir`."""
     import torch
 
-    from paddle_pretrainedmodel.convert_torch import convert_state_dict, save_atomic
+    from paddle_pretrainedmodel.convert_torch import convert_state_dict
     from tests.torch_reference import get_torch_model, randomize
     from tools.export import export
+    from utils.checkpoint import save_paddle_atomic
 
     torch_model = randomize(get_torch_model(network)).eval()
     torch.save(torch_model.state_dict(), workdir / f"{network}.pth")
-    save_atomic(convert_state_dict(torch_model.state_dict(), network), workdir / f"{network}.pdparams")
+    save_paddle_atomic(convert_state_dict(torch_model.state_dict(), network), workdir / f"{network}.pdparams")
     export(network, workdir / f"{network}.pdparams", workdir / network, ("paddle", "onnx"))
 
 
@@ -129,8 +130,8 @@ def bench(network: str, threads: int, repeats_b1: int, repeats_b64: int, rounds:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    from utils.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", default="mbf,r50", help="comma-separated backbone names")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")

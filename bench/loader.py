@@ -159,8 +159,8 @@ def paddle_loader_rate(ds: RecordIODataset, batch_size: int, workers: int) -> tu
 
 
 def main() -> None:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    from utils.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", default=DEFAULTS["cache_dir"])
     parser.add_argument("--identities", type=int, default=500)

@@ -206,8 +206,8 @@ def run_torch(num_classes: int, sample_rate: float, batch: int, steps: int, dim:
 
 
 def main() -> None:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    from utils.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-classes", type=int, required=True)
     parser.add_argument("--sample-rate", type=float, default=0.1)

@@ -65,8 +65,8 @@ def eye_error(gray: np.ndarray, box: np.ndarray, landmarks: np.ndarray) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    from utils.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3", help="make_face_demo seeds, one photo each")
     parser.add_argument("--identities", type=int, default=4, help="known people per photo (plus one stranger)")

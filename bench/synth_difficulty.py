@@ -36,8 +36,8 @@ def raw_pixel_accuracy(images: np.ndarray, issame: np.ndarray) -> float:
 
 
 def main() -> None:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    from utils.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--identities", type=int, default=100)

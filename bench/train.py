@@ -70,8 +70,8 @@ def model_only(args: argparse.Namespace, network: str, num_classes: int) -> floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    from utils.cpu import prefer_avx2_mkl
+    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", default="mbf,r18", help="comma-separated backbones")
     parser.add_argument("--width", type=float, default=1.0)

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from sklearn.preprocessing import normalize
 from tqdm import tqdm
 
 from utils.atomic import write_bytes_atomic
-from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
+from utils.cli import check_writable, exit_on_user_error, positive_float, positive_int, start_program
 from utils.image import decode_rgb, norm_crop
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -288,10 +286,7 @@ def evaluate_ijb(model, data_dir: str | Path, target: str, batch_size: int = 128
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("GLOG_minloglevel", "2")  # before paddle is imported
-    warnings.filterwarnings("ignore", message="No ccache found")  # import paddle's, on every run
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    start_program()  # before paddle is imported
     parser = argparse.ArgumentParser(description="IJB-B/IJB-C 1:1 verification: TAR at FAR 1e-6..1e-1, ROC plot.")
     parser.add_argument("--data", required=True, help="the IJB_release/IJBB or IJB_release/IJBC directory")
     parser.add_argument("--target", required=True, help="IJBB or IJBC (prefix of the meta file names)")
@@ -312,17 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     existing = [str(p) for p in output_paths(out_dir, args.target).values() if p.exists()]
     if existing and not args.force:
         parser.error(f"{', '.join(existing)} exists; use --force to overwrite")
+    return exit_on_user_error(lambda: run(args, out_dir))
+
+
+def run(args: argparse.Namespace, out_dir: Path) -> int:
     from deploy.embedder import load_backbone
 
-    try:
-        check_writable(out_dir, folder=True)
-        model = load_backbone(args.network, args.weights, args.width, args.embedding_size)
-        rows, labels, scores = evaluate_ijb(model, args.data, args.target, args.batch_size, not args.no_flip,
-                                            not args.no_detector_score, args.workers)
-        paths = write_outputs(out_dir, args.target, rows, labels, scores)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_writable(out_dir, folder=True)
+    model = load_backbone(args.network, args.weights, args.width, args.embedding_size)
+    rows, labels, scores = evaluate_ijb(model, args.data, args.target, args.batch_size, not args.no_flip,
+                                        not args.no_detector_score, args.workers)
+    paths = write_outputs(out_dir, args.target, rows, labels, scores)
     print(format_table(args.target.upper(), rows))
     print(f"wrote {paths['csv']}, {paths['png']}, {paths['scores']}")
     return 0

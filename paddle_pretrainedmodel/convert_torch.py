@@ -11,7 +11,6 @@ the list of offending keys instead of producing a half-loaded model. torch is im
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,13 +19,12 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np
-import paddle
-from paddle import nn
 
-from backbones import NETWORKS, get_model
-from utils.atomic import atomic_output
+from config import CHOICES
+from utils.cli import start_program
+
+NETWORKS = CHOICES["network"]
 
 _RENAMES = {"running_mean": "_mean", "running_var": "_variance"}
 _SHOWN = 8  # keys listed per category in an error message
@@ -42,6 +40,11 @@ def paddle_layout(network: str, **model_kwargs: Any) -> tuple[dict[str, tuple[in
     Built under paddle.LazyGuard, so even r2060 allocates no parameter memory. `model_kwargs` go to get_model
     (num_features, width: the small models of tests).
     """
+    import paddle
+    from paddle import nn
+
+    from backbones import get_model
+
     with paddle.LazyGuard():
         model = get_model(network, **model_kwargs)
     shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
@@ -123,15 +126,10 @@ def read_torch_state_dict(path: str | Path) -> dict[str, Any]:
     return dict(obj)
 
 
-def save_atomic(state: dict[str, np.ndarray], output: Path) -> None:
-    """paddle.save to a temporary file beside `output`, fsync, then rename: no partial file on failure."""
-    with atomic_output(output) as tmp:
-        paddle.save(state, str(tmp))
-
-
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    start_program()  # before paddle is imported
+    from utils.checkpoint import save_paddle_atomic
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", required=True, choices=NETWORKS, help="backbone the weights belong to")
     parser.add_argument("--input", required=True, type=Path, help="arcface_torch backbone.pth or checkpoint .pt")
@@ -146,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         state = convert_state_dict(read_torch_state_dict(args.input), args.network)
     except ConversionError as e:
         parser.exit(1, f"error: {e}\n")
-    save_atomic(state, args.output)
+    save_paddle_atomic(state, args.output)
     count = sum(int(np.prod(v.shape)) for k, v in state.items() if not k.endswith(("_mean", "_variance")))
     print(f"wrote {args.output}: {args.network}, {len(state)} tensors, {count:,} parameters")
     return 0

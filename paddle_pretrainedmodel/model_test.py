@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-os.environ.setdefault("GLOG_minloglevel", "2")
-warnings.filterwarnings("ignore", message="No ccache found")  # import paddle's, on every run
-
-from backbones import NETWORKS
+from config import CHOICES
 from utils.atomic import write_text_atomic
-from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
+from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int, start_program
 
 DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30,calfw,cplfw"
 
@@ -39,10 +34,9 @@ def format_table(results: list[dict], missing: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--network", required=True, choices=NETWORKS)
+    parser.add_argument("--network", required=True, choices=CHOICES["network"])
     parser.add_argument("--weights", required=True, type=Path, help="backbone .pdparams (read without running code)")
     parser.add_argument("--data", required=True, type=Path, help="directory holding <target>.bin files")
     parser.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma-separated (default {DEFAULT_TARGETS})")

@@ -17,7 +17,7 @@ import paddle
 import pytest
 import sklearn  # noqa: F401
 
-from backbones.cpu import prefer_avx2_mkl
+from utils.cpu import prefer_avx2_mkl
 
 # What every program's main() does first, done once for the whole session before any Paddle math: all tests and the
 # processes they start then share one MKL kernel choice (MKL reads it at its first call), on AMD and Intel alike.

@@ -10,11 +10,12 @@ import numpy as np
 import paddle
 import pytest
 
-from backbones import NETWORKS, cpu, get_model
+from backbones import NETWORKS, get_model
 from backbones.layers import PReLU, batch_norm_1d, batch_norm_2d, scaled_channels
 from backbones.summary import count_macs, count_parameters
 from paddle_pretrainedmodel.convert_torch import convert_state_dict, paddle_name
 from tests.conftest import SHARED
+from utils import cpu
 
 REFERENCE = SHARED / "reference" / "arcface_torch_state_dicts.json"
 VIT_REFERENCE = Path(__file__).resolve().parent / "reference" / "arcface_torch_vit_state_dicts.json"  # + r2060

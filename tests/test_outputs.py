@@ -176,7 +176,7 @@ def test_a_refused_pickle_names_the_file_and_what_was_refused(tmp_path: Path) ->
 
 
 def test_importing_the_library_leaves_the_environment_alone() -> None:
-    """Only programs' main() ask for MKL's AVX2 kernels (backbones/cpu.py): an import must not change os.environ."""
+    """Only programs' main() ask for MKL's AVX2 kernels (utils/cpu.py): an import must not change os.environ."""
     code = ("import os, cv2, paddle, sklearn; before = dict(os.environ); import backbones, train, utils.checkpoint; "
             "print(sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)))")
     env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}

@@ -17,15 +17,11 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-os.environ.setdefault("GLOG_minloglevel", "2")
-warnings.filterwarnings("ignore", message="No ccache found")
 
 import numpy as np
 
@@ -42,7 +38,7 @@ from deploy.embedder import (
     load_backbone,
 )
 from utils.atomic import temp_dir_beside
-from utils.cli import USER_ERRORS, check_writable, positive_float, positive_int
+from utils.cli import check_writable, exit_on_user_error, positive_float, positive_int, start_program
 from utils.faces import render_face, sample_identity
 from utils.image import INPUT_SIZE
 
@@ -183,8 +179,7 @@ def parse_batch_size(text: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", required=True, help="backbone name (r18, r34, r50, r100, r200, mbf, mbf_large)")
     parser.add_argument("--weights", required=True, type=Path, help="backbone state dict (.pdparams)")
@@ -200,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     formats = ("paddle", "onnx") if args.format == "both" else (args.format,)
-    try:
-        meta = export(args.network, args.weights, args.output, formats, args.batch_size, args.width,
-                      args.embedding_size, args.tolerance, args.force)
-    except (*USER_ERRORS, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_on_user_error(lambda: export_and_report(args, formats), also=(RuntimeError,))
+
+
+def export_and_report(args: argparse.Namespace, formats: tuple[str, ...]) -> int:
+    meta = export(args.network, args.weights, args.output, formats, args.batch_size, args.width,
+                  args.embedding_size, args.tolerance, args.force)
     batch = meta["batch_size"] or "dynamic"
     print(f"exported {args.network} (width {args.width}, {args.embedding_size}-d, batch {batch}) -> {args.output}")
     for backend, diff in meta["parity_max_abs_diff"].items():

@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-os.environ.setdefault("GLOG_minloglevel", "2")
-warnings.filterwarnings("ignore", message="No ccache found")
-
 from deploy.embedder import add_model_args, embedder_from_args
 from deploy.face_detect import add_detection_args, detection_from_args
 from deploy.face_files import list_images, load_crops, load_landmarks
 from deploy.gallery import GalleryIndex, build_index
-from utils.cli import USER_ERRORS, check_writable, finite_float, positive_int
+from utils.cli import check_writable, exit_on_user_error, finite_float, positive_int, start_program
 from utils.label_file import read_label_file
 
 
@@ -95,8 +90,7 @@ def search(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("build", help="embed a folder of known faces into an index")
@@ -118,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         add_detection_args(sub, one_face=True)
         add_model_args(sub)
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_on_user_error(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -17,28 +17,22 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-os.environ.setdefault("GLOG_minloglevel", "2")
-warnings.filterwarnings("ignore", message="No ccache found")
 
 import numpy as np
 
 from deploy.embedder import add_model_args, embedder_from_args, l2_normalize
 from deploy.face_detect import add_detection_args, detection_from_args
 from deploy.face_files import atomic_write, list_images, load_crops, load_landmarks
-from utils.cli import USER_ERRORS, check_writable
+from utils.cli import check_writable, exit_on_user_error, start_program
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="an image, a folder of images or a list file (.txt)")
     parser.add_argument("--output", required=True, type=Path, help="output prefix: writes PREFIX.npy + PREFIX.json")
@@ -48,22 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     add_detection_args(parser, one_face=True)
     add_model_args(parser)
-    args = parser.parse_args(argv)
+    return exit_on_user_error(lambda: embed_files(parser.parse_args(argv)))
+
+
+def embed_files(args: argparse.Namespace) -> int:
     npy_path, json_path = (args.output.with_name(args.output.name + suffix) for suffix in (".npy", ".json"))
-    try:
-        for path in (npy_path, json_path):
-            if path.exists() and not args.force:
-                raise FileExistsError(f"{path}: exists (use --force to replace it)")
-            check_writable(path)
-        root, names = list_images(args.input)
-        detection = detection_from_args(args, "--landmarks")
-        landmarks = load_landmarks(args.landmarks) if args.landmarks else None
-        crops, kept, skipped, how = load_crops(root, names, landmarks, args.skip_bad, detection)
-        embedder = embedder_from_args(args)
-        embeddings = embedder.embed(crops, batch_size=args.batch_size, flip=args.flip)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    for path in (npy_path, json_path):
+        if path.exists() and not args.force:
+            raise FileExistsError(f"{path}: exists (use --force to replace it)")
+        check_writable(path)
+    root, names = list_images(args.input)
+    detection = detection_from_args(args, "--landmarks")
+    landmarks = load_landmarks(args.landmarks) if args.landmarks else None
+    crops, kept, skipped, how = load_crops(root, names, landmarks, args.skip_bad, detection)
+    embedder = embedder_from_args(args)
+    embeddings = embedder.embed(crops, batch_size=args.batch_size, flip=args.flip)
     for item in skipped:
         print(f"warning: skipped {item['error']}", file=sys.stderr)
     if not args.raw:

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from deploy.face_files import atomic_write
+from utils.cli import exit_on_user_error
 from utils.faces import render_face, sample_identity
 
 UNKNOWN_NAME = "stranger"
@@ -69,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite files in a non-empty --out")
     args = parser.parse_args(argv)
-    try:
-        make_demo(args.out, args.identities, args.gallery_images, args.seed, args.force)
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_on_user_error(lambda: make_and_report(args))
+
+
+def make_and_report(args: argparse.Namespace) -> int:
+    make_demo(args.out, args.identities, args.gallery_images, args.seed, args.force)
     print(f"{args.identities} known + 1 unknown faces -> {args.out}/photo.png, faces.json, gallery/")
     return 0
 

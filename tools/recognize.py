@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-os.environ.setdefault("GLOG_minloglevel", "2")
-warnings.filterwarnings("ignore", message="No ccache found")
 
 import cv2
 import numpy as np
@@ -40,7 +35,7 @@ from deploy.embedder import add_model_args, embedder_from_args
 from deploy.face_detect import HAAR_CASCADE, add_detection_args, crop_face, detection_from_args, no_face_message
 from deploy.face_files import atomic_write, read_rgb
 from deploy.gallery import UNKNOWN, GalleryIndex
-from utils.cli import USER_ERRORS, check_writable, finite_float, positive_int
+from utils.cli import check_writable, exit_on_user_error, finite_float, positive_int, start_program
 
 NO_FACE_EXIT = 2
 
@@ -123,8 +118,7 @@ def recognize(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backbones.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (backbones/cpu.py)
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
@@ -140,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite --out")
     add_model_args(parser)
     args = parser.parse_args(argv)
-    try:
-        return recognize(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_on_user_error(lambda: recognize(args))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,49 @@
-"""What the command-line tools share: option types that refuse bad numbers at the parser, a check that an output
-can be written before any work starts, and the errors that end a tool with one `error: ...` line.
+"""What the command-line programs share: the process setup their main() starts with, option types that refuse bad
+numbers at the parser, a check that an output can be written before any work starts, and the errors that end a
+program with one `error: ...` line.
+
+A script run by path (`python tools/x.py`) first makes the project root importable, with the two lines this module
+cannot provide for it (it is not importable before them):
+
+    if __package__ in (None, ""):  # run as a script: make the project root importable
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from utils.cpu import prefer_avx2_mkl
 from utils.safe_pickle import UnsafePickleError
 
 # What a user's input can raise: a missing or unwritable file, a bad value, a pickle that would run code.
 USER_ERRORS = (OSError, ValueError, UnsafePickleError)
+
+
+def start_program() -> None:
+    """The environment a program (never a library import) sets first in main(), before Paddle is imported: Paddle's
+    native INFO logs off unless GLOG_minloglevel is set, no "No ccache found" warning, MKL's AVX2 kernels on AMD
+    (utils/cpu.py)."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    warnings.filterwarnings("ignore", message="No ccache found")
+    prefer_avx2_mkl()
+
+
+def exit_on_user_error(run: Callable[[], int], also: tuple[type[Exception], ...] = ()) -> int:
+    """`run()`'s exit status; a user error (USER_ERRORS, and the types in `also`) instead ends the program with one
+    `error: ...` line on stderr and status 1, with no traceback."""
+    try:
+        return run()
+    except (*USER_ERRORS, *also) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def positive_int(text: str) -> int:
