@@ -3,9 +3,10 @@
     python bench/train_modes.py                          # mbf and r18, width 1.0, batch 32, 2 threads
     python bench/train_modes.py --networks mbf --width 0.25 --rounds 5
 
-A step is what train.py does per batch on random tensors: backbone forward, Partial FC head, backward, both
-optimizer updates. The modes run in rounds (each mode `--steps` timed steps per round, after one untimed warm-up
-step that also compiles the to_static graph), so load from other jobs hits every mode alike. Prints one JSON line
+A step is train.py's own (engine.step.TrainStep) on a random uint8 batch: input normalisation, backbone forward,
+Partial FC head, backward, both optimizer updates. The modes run in rounds (each mode `--steps` timed steps per
+round, after one untimed warm-up step that also compiles the to_static graph), so load from other jobs hits every
+mode alike. Prints one JSON line
 per network: median step seconds per mode and each mode's time relative to dygraph NCHW. oneDNN stays off (see
 train.py: it trains a to_static graph wrongly on CPU).
 """
@@ -13,6 +14,7 @@ train.py: it trains a to_static graph wrongly on CPU).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -30,11 +32,8 @@ warnings.filterwarnings("ignore", message="Tensor do not have 'place'")
 import numpy as np
 import paddle
 
-import train
-from backbones import get_model
 from config import load_config
-from losses import build_margin_loss
-from partial_fc import PartialFC
+from engine.step import TrainStep, build_backbone, build_head, build_optimizer
 from utils.lr_scheduler import PolynomialLRWarmup
 
 MODES = {"dygraph_nchw": ("NCHW", False), "to_static_nchw": ("NCHW", True), "dygraph_nhwc": ("NHWC", False),
@@ -46,27 +45,21 @@ class Stepper:
 
     def __init__(self, args: argparse.Namespace, network: str, data_format: str, compiled: bool):
         cfg = load_config("synthetic", {"network": network, "width": args.width, "embedding_size": 512,
-                                        "batch_size": args.batch})
+                                        "batch_size": args.batch, "data_format": data_format})
         paddle.seed(0)
-        backbone = get_model(network, num_features=512, width=args.width, data_format=data_format)
-        self.backbone = paddle.jit.to_static(backbone, full_graph=True) if compiled else backbone
-        self.pfc = PartialFC(build_margin_loss(cfg), 512, args.classes, seed=cfg.seed)
-        self.scheduler = PolynomialLRWarmup(cfg.lr, 0, 10_000)
-        self.optimizer = train._build_optimizer(cfg, backbone, self.scheduler)
+        backbone = build_backbone(cfg)
+        model = paddle.jit.to_static(backbone, full_graph=True) if compiled else backbone
+        scheduler = PolynomialLRWarmup(cfg.lr, 0, 10_000)
+        self.trainer = TrainStep(model, build_head(cfg, args.classes),
+                                 build_optimizer(cfg, backbone.parameters(), scheduler), scheduler)
         rng = np.random.default_rng(0)
-        self.images = paddle.to_tensor(rng.standard_normal((args.batch, 3, 112, 112), dtype=np.float32))
-        self.labels = paddle.to_tensor(rng.integers(0, args.classes, args.batch))
-        self.backbone.train()
+        images = paddle.to_tensor(rng.integers(0, 256, (args.batch, 112, 112, 3), dtype=np.uint8))
+        self.batches = itertools.repeat((images, paddle.to_tensor(rng.integers(0, args.classes, args.batch))))
+        model.train()
 
     def step(self) -> float:
         start = time.perf_counter()
-        loss = self.pfc(self.backbone(self.images), self.labels)
-        float(loss)
-        loss.backward()
-        self.optimizer.step()
-        self.pfc.step(self.scheduler())
-        self.optimizer.clear_grad()
-        self.scheduler.step()
+        self.trainer(self.batches)
         return time.perf_counter() - start
 
 

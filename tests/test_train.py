@@ -238,6 +238,10 @@ def test_gradient_accumulation_steps_the_schedule_per_update(cache_dir: Path, tm
     assert [r["step"] for r in records] == list(range(1, 11))
     assert [r["lr"] for r in records] == pytest.approx([0.1 * (1 - t / 10) for t in range(10)])
     assert "10 steps of 16 samples" in (tmp_path / "acc" / "train.log").read_text()
+    # An epoch (5 batches) ends inside steps 3 and 8: their loss is still the mean of both of their batches (measured
+    # 36-50 over the 10 steps; a sum restarted with the epoch logged about half, 19-25, there).
+    losses = [r["loss"] for r in records]
+    assert min(losses) > 0.6 * max(losses), losses
 
 
 def test_plot_metrics(straight_run: Path, tmp_path: Path) -> None:
