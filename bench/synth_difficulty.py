@@ -5,15 +5,18 @@ short training run (the quick start's regime: width-0.25 MobileFaceNet, ArcFace,
 
 Prints one JSON line: accuracy on synth_val for raw pixels (cosine), the untrained net, and the net after
 every --eval-every steps. The set should be neither trivial (untrained/raw near chance) nor too hard (a
-clear rise within ~100 steps).
+clear rise within ~100 steps). The training is train.py itself (its builders, step, schedule and verification;
+--steps is its --stop_at_step), so the figures are those of the quick start.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,40 +67,30 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    import paddle
-
-    from backbones import get_model
-    from dataset import RecordIODataset, to_model_input
-    from eval.verification import test
-    from losses import CombinedMarginLoss
-    from partial_fc import PartialFC
-
-    paddle.seed(args.seed)
-    train = RecordIODataset(root, train=True, seed=args.seed)
-    model = get_model("mbf", num_features=args.embedding_size, width=0.25)
-    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), args.embedding_size, train.num_classes)
-    opt = paddle.optimizer.Momentum(args.lr, momentum=0.9, parameters=model.parameters(), weight_decay=5e-4,
-                                    grad_clip=paddle.nn.ClipGradByGlobalNorm(5.0))
-    curve = {0: test(val, model, progress=False)["accuracy_mean"]}
-    rng = np.random.default_rng(args.seed)
-    order = np.concatenate([rng.permutation(len(train)) for _ in range(args.steps * args.batch_size // len(train) + 1)])
     start = time.perf_counter()
-    for step in range(args.steps):
-        batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-        epoch = step * args.batch_size // len(train)
-        images, labels = np.empty((len(batch), 112, 112, 3), np.uint8), np.empty(len(batch), np.int64)
-        train.load_batch(batch, epoch, images, labels)
-        loss = pfc(model(to_model_input(paddle.to_tensor(images))), paddle.to_tensor(labels))
-        loss.backward()
-        opt.step()
-        opt.clear_grad()
-        pfc.step(args.lr)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            curve[step + 1] = test(val, model, progress=False)["accuracy_mean"]
-            print(f"step {step + 1} loss {float(loss):.3f} synth_val {curve[step + 1]:.4f}", file=sys.stderr)
+    curve = train_curve(args)
     result.update(untrained_accuracy=curve[0], accuracy_by_step=curve, images_seen=args.steps * args.batch_size,
                   train_seconds=round(time.perf_counter() - start, 1), gain=curve[args.steps] - curve[0])
     print(json.dumps(result))
+
+
+def train_curve(args: argparse.Namespace) -> dict[int, float]:
+    """synth_val accuracy by step of train.py on the set (before training, every --eval-every steps, at the end)."""
+    import train
+
+    with tempfile.TemporaryDirectory(prefix="synth_difficulty_") as out:
+        argv = ["--cache_dir", args.cache_dir, "--synthetic_identities", str(args.identities),
+                "--synthetic_images_per_id", str(args.images_per_id), "--synthetic_val_pairs", str(args.val_pairs),
+                "--seed", str(args.seed), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+                "--embedding_size", str(args.embedding_size), "--stop_at_step", str(args.steps),
+                "--val_targets", "synth_val", "--val_at_start", "true", "--val_every", str(args.eval_every),
+                "--output", out, "--run_name", "difficulty"]
+        with contextlib.redirect_stdout(sys.stderr):  # train.py's log: stdout stays one JSON line
+            status = train.main(argv)
+        if status != 0:
+            raise SystemExit(f"train.py {' '.join(argv)} failed")
+        records = map(json.loads, (Path(out) / "difficulty" / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["val/synth_val"] for r in records if "val/synth_val" in r}
 
 
 if __name__ == "__main__":
