@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import cv2
 import numpy as np
 
-from utils.atomic import temp_dir_beside
+from utils.atomic import atomic_output_dir
 from utils.faces import render_face, sample_identity
 
 JPEG_QUALITY = 95
@@ -58,8 +56,7 @@ def generate(out_dir: str | Path, target: str = "IJBC", identities: int = 8, tem
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     name = target.lower()
-    tmp = temp_dir_beside(out_dir)  # its mode comes from the umask (mkdtemp: 0700)
-    try:
+    with atomic_output_dir(out_dir) as tmp:  # its mode comes from the umask (mkdtemp: 0700)
         (tmp / "meta").mkdir()
         (tmp / "loose_crop").mkdir()
         faces, marks, owner = [], [], {}
@@ -86,16 +83,6 @@ def generate(out_dir: str | Path, target: str = "IJBC", identities: int = 8, tem
         pairs = [f"{a} {b} {int(owner[a] == owner[b])}" for a, b in itertools.combinations(sorted(owner), 2)]
         for kind, lines in (("face_tid_mid", faces), ("name_5pts_score", marks), ("template_pair_label", pairs)):
             (tmp / "meta" / f"{name}_{kind}.txt").write_text("\n".join(lines) + "\n")
-        if out_dir.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

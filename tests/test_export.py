@@ -12,6 +12,7 @@ import pytest
 from deploy.embedder import DygraphEmbedder, OnnxEmbedder, PaddleInferenceEmbedder, load_backbone, load_embedder
 from tests.export_models import calibrated_weights, synthetic_faces
 from tools import export as export_tool
+from utils.atomic import atomic_output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,12 +111,17 @@ def test_failed_export_and_existing_output_write_nothing(tmp_path, monkeypatch, 
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
-def test_replace_dir_swaps_whole_directories(tmp_path):
-    (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "model.json").write_text("new")
+def test_an_output_directory_is_swapped_whole_or_not_at_all(tmp_path):
+    """utils.atomic.atomic_output_dir, which export and make_ijb build their folders in."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
-    export_tool._replace_dir(tmp_path / "new", tmp_path / "out")
+    with pytest.raises(RuntimeError), atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "model.json").write_text("half")
+        raise RuntimeError("parity check failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "model.json").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.json"]
 

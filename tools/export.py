@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from deploy.embedder import (
     file_sha256,
     load_backbone,
 )
-from utils.atomic import temp_dir_beside
+from utils.atomic import atomic_output_dir
 from utils.cli import check_writable, exit_on_user_error, positive_float, positive_int, start_program
 from utils.faces import render_face, sample_identity
 from utils.image import INPUT_SIZE
@@ -107,12 +106,6 @@ def parity(reference: DygraphEmbedder, exported: list, batch_size: int | None, s
     return {e.backend: float(np.abs(e.embed(images) - expected).max()) for e in exported}
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in root.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
 def export(network: str, weights: Path, output: Path, formats: tuple[str, ...], batch_size: int | None = None,
            width: float = 1.0, embedding_size: int = 512, tolerance: float = 1e-4, force: bool = False) -> dict:
     """Write the exported model(s) + meta.json into `output` atomically; returns the metadata."""
@@ -121,8 +114,7 @@ def export(network: str, weights: Path, output: Path, formats: tuple[str, ...], 
     check_writable(output.parent, folder=True)  # the export is built beside `output`, then renamed
     model = load_backbone(network, weights, width, embedding_size)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(output)  # its mode comes from the umask (mkdtemp: 0700)
-    try:
+    with atomic_output_dir(output) as tmp:  # its mode comes from the umask (mkdtemp: 0700)
         meta = {
             "network": network, "width": width, "embedding_size": embedding_size,
             "input_shape": [batch_size, 3, INPUT_SIZE, INPUT_SIZE], "batch_size": batch_size,
@@ -147,23 +139,7 @@ def export(network: str, weights: Path, output: Path, formats: tuple[str, ...], 
             (tmp / PADDLE_MODEL).unlink()
             (tmp / PADDLE_PARAMS).unlink()
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an existing target is moved aside first and deleted only after the swap."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def parse_batch_size(text: str) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +93,33 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             fsync_path(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a new empty directory beside `path`; build a whole output folder there.
+
+    When the block succeeds its files are fsynced and it takes the place of `path` (an existing `path` is moved
+    aside first and deleted only after the swap); when it fails, or raises, it is removed and `path` is untouched.
+    """
+    path = Path(path)
+    tmp = temp_dir_beside(path)
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                fsync_path(file)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
