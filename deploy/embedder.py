@@ -192,13 +192,13 @@ class OnnxEmbedder(Embedder):
         return self.session.run(None, {self._input_name: batch})[0]
 
 
-# Read before anything imports paddle, which sets OMP_NUM_THREADS=1 when it is unset.
-_USER_THREADS = os.environ.get("OMP_NUM_THREADS")
-
-
 def default_threads() -> int:
-    """Threads for an inference backend: OMP_NUM_THREADS as the user set it, else all cores."""
-    return int(_USER_THREADS or os.cpu_count() or 1)
+    """Threads for an inference backend: OMP_NUM_THREADS as the user set it, else all cores.
+
+    `import paddle` sets OMP_NUM_THREADS=1 when it is unset, so a program resolves this before Paddle is imported
+    (embedder_from_args does, in main()) and passes the number on.
+    """
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
 DEVICES = ("cpu", "gpu")
@@ -355,10 +355,10 @@ def embedder_from_args(args: argparse.Namespace) -> Embedder:
     """`load_embedder` from the options `add_model_args` declared."""
     if (args.model is None) == (args.weights is None):
         raise ValueError("give exactly one of --model (exported) or --weights (with --network)")
-    # dygraph reads its thread count when paddle is imported (on first use, below)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or default_threads()))
+    threads = args.threads or default_threads()  # before paddle is imported (below, on first use)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # dygraph reads its thread count at that import
     return load_embedder(args.model, network=args.network, weights=args.weights, width=args.width,
-                         embedding_size=args.embedding_size, backend=args.backend, threads=args.threads,
+                         embedding_size=args.embedding_size, backend=args.backend, threads=threads,
                          onednn=not args.no_onednn, device=args.device, tensorrt=args.tensorrt)
 
 
