@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import random
@@ -18,14 +19,18 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
+import paddle
 import pytest
 
 import train
 from tests.launch import ROOT
 from utils.checkpoint import LATEST
+from utils.logger import LOGGER_NAME
 from utils.safe_pickle import load_paddle_state
 
 pytestmark = pytest.mark.slow
@@ -242,6 +247,24 @@ def test_gradient_accumulation_steps_the_schedule_per_update(cache_dir: Path, tm
     # 36-50 over the 10 steps; a sum restarted with the epoch logged about half, 19-25, there).
     losses = [r["loss"] for r in records]
     assert min(losses) > 0.6 * max(losses), losses
+
+
+def test_an_in_process_run_leaves_the_process_as_it_was(cache_dir: Path, tmp_path: Path) -> None:
+    """Tests and benchmarks train in their own process: the training logger's handlers (and its open train.log),
+    OpenCV's thread count, the device and the warning filters are as before the run."""
+    log = logging.getLogger(LOGGER_NAME)
+
+    def process_state() -> tuple:
+        return log.handlers[:], log.level, log.propagate, cv2.getNumThreads(), paddle.get_device(), warnings.filters[:]
+
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(3)  # not the 1 a run sets
+    try:
+        before = process_state()
+        assert train.main(tiny_args(cache_dir, tmp_path, "clean", "--stop_at_step", "1")) == 0
+        assert process_state() == before
+    finally:
+        cv2.setNumThreads(cv2_threads)
 
 
 def test_plot_metrics(straight_run: Path, tmp_path: Path) -> None:
