@@ -14,9 +14,8 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import paddle
 
@@ -110,7 +109,7 @@ class TrainStep:
         lr = self._update()
         return StepResult(loss_sum / self.gradient_acc, lr, data_time, time.perf_counter() - start - data_time)
 
-    def _autocast(self) -> Any:
+    def _autocast(self) -> AbstractContextManager:
         return paddle.amp.auto_cast(level="O1") if self.scaler is not None else nullcontext()
 
     def _accumulate(self, images: paddle.Tensor, labels: paddle.Tensor) -> float:
