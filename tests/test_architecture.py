@@ -4,6 +4,9 @@ agreeing with the modules that implement them."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,24 @@ def test_config_choices_are_what_the_modules_implement(key: str, module: str, na
     from config import CHOICES
 
     assert tuple(CHOICES[key]) == tuple(getattr(importlib.import_module(module), name)), (key, module, name)
+
+
+# Programs whose import is checked too (their main() sets what they need); the other programs still set
+# GLOG_minloglevel when imported: tools/_data.py and its four tools, tools/selfcheck.py and the benchmarks.
+QUIET_PROGRAMS = ("tools.gallery", "tools.inference", "tools.recognize", "tools.export", "tools.make_face_demo",
+                  "tools.plot_metrics", "paddle_pretrainedmodel.model_test", "paddle_pretrainedmodel.convert_torch")
+
+
+def test_importing_any_library_module_or_tool_leaves_the_environment_alone() -> None:
+    """Every library module (and the quiet programs) imported in one fresh process: os.environ is unchanged. Paddle,
+    OpenCV, scikit-learn and torch are imported first: their own imports edit os.environ (OMP_NUM_THREADS, KMP_*)."""
+    modules = sorted({".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                      for p in library_files() if p.name != "__main__.py"})
+    code = ("import importlib, os, sys, cv2, paddle, sklearn, sklearn.model_selection, torch\n"
+            "before = dict(os.environ)\n"
+            "for name in sys.argv[1:]: importlib.import_module(name)\n"
+            "print(sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)))")
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "GLOG_minloglevel")}
+    proc = subprocess.run([sys.executable, "-c", code, *modules, *QUIET_PROGRAMS], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
