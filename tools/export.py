@@ -143,15 +143,14 @@ def export(network: str, weights: Path, output: Path, formats: tuple[str, ...], 
 
 
 def parse_batch_size(text: str) -> int | None:
+    """argparse type: 'dynamic' (None) or a positive integer."""
     if text == "dynamic":
         return None
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--batch-size must be 'dynamic' or a positive integer, got {text!r}")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        message = f"--batch-size must be 'dynamic' or a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def main(argv: list[str] | None = None) -> int:
