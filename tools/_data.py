@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from utils.atomic import temp_dir_beside
-
-os.environ.setdefault("GLOG_minloglevel", "2")  # dataset imports paddle
-warnings.filterwarnings("ignore", message="No ccache found")
 
 
 def open_dataset(path: Path, num_classes: int | None = None):

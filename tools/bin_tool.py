@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from eval.bin_io import read_bin, write_bin
 from tools._data import image_suffix, staged_dir
+from utils.cli import exit_on_user_error, start_program
 from utils.image import decode_rgb
 
 PAIRS_FILE = "pairs.txt"
@@ -81,6 +82,7 @@ def pack(folder: Path, bin_path: Path, progress: bool = True) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,16 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and not args.force:
         parser.error(f"{args.out} exists; pass --force to overwrite")
-    try:
-        if args.command == "unpack":
-            n = unpack(args.bin, args.out)
-            print(f"{args.bin} -> {args.out}: {2 * n} images, {n} pairs in {args.out / PAIRS_FILE}")
-        else:
-            n = pack(args.folder, args.out)
-            print(f"{args.folder} -> {args.out}: {n} pairs")
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_on_user_error(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "unpack":
+        n = unpack(args.bin, args.out)
+        print(f"{args.bin} -> {args.out}: {2 * n} images, {n} pairs in {args.out / PAIRS_FILE}")
+    else:
+        n = pack(args.folder, args.out)
+        print(f"{args.folder} -> {args.out}: {n} pairs")
     return 0
 
 

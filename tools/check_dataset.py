@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tools._data import open_dataset
+from utils.cli import start_program
 from utils.image import INPUT_SIZE, decode_rgb
 
 HISTOGRAM_EDGES = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500)
@@ -90,6 +91,7 @@ def _first_missing(present: np.ndarray, num_classes: int, count: int) -> list[in
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path, help="directory with train.rec/train.idx, or an image folder")

@@ -23,8 +23,10 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import cv2
 import numpy as np
 
-from mxnet_reader.insightface import write_insightface_rec, write_text_atomic
+from mxnet_reader.insightface import write_insightface_rec
 from tools._data import image_suffix
+from utils.atomic import write_text_atomic
+from utils.cli import exit_on_user_error, start_program
 from utils.image import INPUT_SIZE, decode_rgb
 
 
@@ -82,6 +84,7 @@ def images_to_rec(image_dir: Path, out_dir: Path, quality: int = 95, progress: b
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image_dir", type=Path, help="<identity>/<image> folders, or a folder with label.txt")
@@ -91,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.out / "train.rec").exists() and not args.force:
         parser.error(f"{args.out / 'train.rec'} exists; pass --force to overwrite")
-    try:
-        s = images_to_rec(args.image_dir, args.out, args.quality)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_on_user_error(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    s = images_to_rec(args.image_dir, args.out, args.quality)
     print(f"{args.image_dir} -> {args.out}: {s['images']} images of {s['identities']} identities "
           f"({s['min_per_identity']}-{s['max_per_identity']} per identity); label map in label_map.json")
     if s["re_encoded"]:

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 from tqdm import tqdm
 
 from tools._data import image_suffix, open_dataset, staged_dir
+from utils.cli import exit_on_user_error, start_program
 
 
 def rec_to_images(data_dir: Path, out_dir: Path, progress: bool = True) -> tuple[int, int]:
@@ -39,6 +40,7 @@ def rec_to_images(data_dir: Path, out_dir: Path, progress: bool = True) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_program()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path, help="directory holding train.rec and train.idx")
@@ -49,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.out} exists; pass --force to replace it")
     if not (args.data_dir / "train.rec").is_file():
         parser.error(f"{args.data_dir / 'train.rec'} not found")
-    try:
-        images, identities = rec_to_images(args.data_dir, args.out)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.data_dir} -> {args.out}: {images} images of {identities} identities, list in label.txt")
+    return exit_on_user_error(lambda: report(args.data_dir, args.out))
+
+
+def report(data_dir: Path, out: Path) -> int:
+    images, identities = rec_to_images(data_dir, out)
+    print(f"{data_dir} -> {out}: {images} images of {identities} identities, list in label.txt")
     return 0
 
 
