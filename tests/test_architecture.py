@@ -110,9 +110,10 @@ def test_config_choices_are_what_the_modules_implement(key: str, module: str, na
 
 
 # Programs whose import is checked too (their main() sets what they need); the other programs still set
-# GLOG_minloglevel when imported: tools/_data.py and its four tools, tools/selfcheck.py and the benchmarks.
+# GLOG_minloglevel when imported: tools/_data.py and its four tools, and the benchmarks.
 QUIET_PROGRAMS = ("tools.gallery", "tools.inference", "tools.recognize", "tools.export", "tools.make_face_demo",
-                  "tools.plot_metrics", "paddle_pretrainedmodel.model_test", "paddle_pretrainedmodel.convert_torch")
+                  "tools.plot_metrics", "tools.selfcheck", "paddle_pretrainedmodel.model_test",
+                  "paddle_pretrainedmodel.convert_torch")
 
 
 def test_importing_any_library_module_or_tool_leaves_the_environment_alone() -> None:

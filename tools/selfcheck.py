@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("GLOG_minloglevel", "2")
-warnings.filterwarnings("ignore", message="No ccache found")
-warnings.filterwarnings("ignore", message="Tensor do not have 'place'")
+if __name__ == "__main__":  # run as a program: Paddle's log level is read when it is imported (below)
+    from utils.cli import start_program
+    start_program()
 
 import paddle
 
@@ -59,7 +59,7 @@ from tools.selfcheck_model import (
     dist_worker,
 )
 from utils.atomic import write_text_atomic
-from utils.cli import check_writable
+from utils.cli import check_writable, start_program
 
 
 def environment() -> dict[str, Any]:
@@ -127,8 +127,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.cpu import prefer_avx2_mkl
-    prefer_avx2_mkl()  # before any Paddle math (utils/cpu.py)
+    start_program()  # as a program it ran before the imports; here for a call from Python
+    warnings.filterwarnings("ignore", message="Tensor do not have 'place'")  # to_static's backward builder
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
