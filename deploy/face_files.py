@@ -1,4 +1,4 @@
-"""Reading face images for the inference tools: which files, their 5-point landmarks, face crops, safe writes.
+"""Reading face images for the inference tools: which files, their 5-point landmarks, face crops.
 
 Shared by tools/inference.py, tools/gallery.py and tools/recognize.py so they accept the same inputs and fail
 the same way: a bad file is named in a one-line error (or skipped and reported when the caller asks for it).
@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from deploy.face_detect import Detection, single_face_crop
-from utils.atomic import write_bytes_atomic
 from utils.image import IMAGE_EXTENSIONS, decode_rgb, norm_crop
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
@@ -106,11 +105,3 @@ def load_crops(root: Path, names: list[str], landmarks: dict[str, np.ndarray] | 
         raise ValueError(f"{root}: none of the {len(names)} images could be used")
     return np.stack(crops), kept, skipped, how
 
-
-def atomic_write(path: str | Path, data: bytes, force: bool = False) -> None:
-    """Write `data` to `path` through a temporary file in the same folder + fsync + rename: all or nothing."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path}: exists (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, data)

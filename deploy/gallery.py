@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from deploy.embedder import l2_normalize
-from deploy.face_files import atomic_write
+from utils.atomic import write_output
 
 FORMAT_VERSION = 1
 UNKNOWN = "unknown"
@@ -43,7 +43,7 @@ class GalleryIndex:
         np.savez(buf, format_version=np.int64(FORMAT_VERSION), embeddings=self.embeddings.astype(np.float32),
                  identities=np.asarray(self.identities, dtype=str), files=np.asarray(self.files, dtype=str),
                  per_image=np.bool_(self.per_image), meta=np.asarray(json.dumps(self.meta)))
-        atomic_write(path, buf.getvalue(), force=force)
+        write_output(path, buf.getvalue(), force=force)
 
     @classmethod
     def load(cls, path: str | Path) -> GalleryIndex:

@@ -27,7 +27,8 @@ import numpy as np
 
 from deploy.embedder import add_model_args, embedder_from_args, l2_normalize
 from deploy.face_detect import add_detection_args, detection_from_args
-from deploy.face_files import atomic_write, list_images, load_crops, load_landmarks
+from deploy.face_files import list_images, load_crops, load_landmarks
+from utils.atomic import write_output
 from utils.cli import check_writable, exit_on_user_error, start_program
 
 
@@ -66,8 +67,8 @@ def embed_files(args: argparse.Namespace) -> int:
     listing = {"root": str(root), "files": kept, "crops": how, "skipped": skipped, "normalized": not args.raw,
                "flip": args.flip, "aligned_with_landmarks": landmarks is not None, "backend": embedder.backend,
                "model": embedder.meta}
-    atomic_write(npy_path, buf.getvalue(), force=args.force)
-    atomic_write(json_path, (json.dumps(listing, indent=1) + "\n").encode(), force=args.force)
+    write_output(npy_path, buf.getvalue(), force=args.force)
+    write_output(json_path, (json.dumps(listing, indent=1) + "\n").encode(), force=args.force)
     print(f"{len(kept)} embeddings ({embeddings.shape[1]}-d, {embedder.backend}) -> {npy_path}, {json_path}"
           + (f"; {len(skipped)} skipped" if skipped else ""))
     return 0

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the project root importab
 import cv2
 import numpy as np
 
-from deploy.face_files import atomic_write
+from utils.atomic import write_output
 from utils.cli import exit_on_user_error
 from utils.faces import render_face, sample_identity
 
@@ -41,7 +41,7 @@ def make_demo(out: Path, identities: int = 4, gallery_images: int = 5, seed: int
         for j in range(gallery_images):
             img, _ = render_face(person, rng)
             _, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-            atomic_write(out / "gallery" / name / f"{j}.png", png.tobytes(), force=force)
+            write_output(out / "gallery" / name / f"{j}.png", png.tobytes(), force=force)
 
     sizes = rng.integers(120, 200, len(people))
     height, width = int(sizes.max()) + 80, int(sizes.sum()) + 40 * (len(people) + 1)
@@ -57,9 +57,9 @@ def make_demo(out: Path, identities: int = 4, gallery_images: int = 5, seed: int
         truth.append(names[i] if i < identities else UNKNOWN_NAME)
         x += int(size) + 40
     _, encoded = cv2.imencode(".png", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
-    atomic_write(out / "photo.png", encoded.tobytes(), force=force)
-    atomic_write(out / "faces.json", (json.dumps(faces, indent=1) + "\n").encode(), force=force)
-    atomic_write(out / "truth.json", (json.dumps(truth) + "\n").encode(), force=force)
+    write_output(out / "photo.png", encoded.tobytes(), force=force)
+    write_output(out / "faces.json", (json.dumps(faces, indent=1) + "\n").encode(), force=force)
+    write_output(out / "truth.json", (json.dumps(truth) + "\n").encode(), force=force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,9 @@ import numpy as np
 
 from deploy.embedder import add_model_args, embedder_from_args
 from deploy.face_detect import HAAR_CASCADE, add_detection_args, crop_face, detection_from_args, no_face_message
-from deploy.face_files import atomic_write, read_rgb
+from deploy.face_files import read_rgb
 from deploy.gallery import UNKNOWN, GalleryIndex
+from utils.atomic import write_output
 from utils.cli import check_writable, exit_on_user_error, finite_float, positive_int, start_program
 
 NO_FACE_EXIT = 2
@@ -110,7 +111,7 @@ def recognize(args: argparse.Namespace) -> int:
         results = index.search(embedder.embed(crops, batch_size=args.batch_size, flip=args.flip), args.top_k,
                                args.threshold)
     _, encoded = cv2.imencode(args.out.suffix, draw(image, faces, results))
-    atomic_write(args.out, encoded.tobytes(), force=args.force)
+    write_output(args.out, encoded.tobytes(), force=args.force)
     for face, result in zip(faces, results, strict=True):
         print(json.dumps({"box": [round(float(v), 1) for v in face["box"]], **result}))
     print(f"{len(faces)} face(s) -> {args.out}", file=sys.stderr)

@@ -128,6 +128,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_output(path: str | Path, data: bytes, force: bool = False) -> None:
+    """A program's output file: refused if it exists unless `force` (FileExistsError saying so), its folders made,
+    written all at once."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: exists (use --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace `path` by UTF-8 `text` (with \\n line ends on every OS) all at once."""
     write_bytes_atomic(path, text.encode("utf-8"))
