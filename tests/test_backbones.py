@@ -148,11 +148,14 @@ def test_bad_arguments_fail_clearly(kwargs: dict, message: str) -> None:
         get_model(**kwargs)
 
 
-def test_numpy_prelu_equals_paddle_prelu() -> None:
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+def test_numpy_prelu_equals_paddle_prelu(data_format: str) -> None:
+    """The NumPy PReLU (slopes on axis 1, or on the last axis for NHWC) equals F.prelu, forward and gradients."""
+    channels_last = data_format == "NHWC"
     rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(3, 5, 4, 4)).astype(np.float32)
-    x_np[0, :, 0, 0] = 0.0  # the tie: both take the negative branch's gradient
-    layer = PReLU(5)
+    x_np = rng.normal(size=(3, 4, 4, 5) if channels_last else (3, 5, 4, 4)).astype(np.float32)
+    x_np[(0, 0, 0, slice(None)) if channels_last else (0, slice(None), 0, 0)] = 0.0  # the tie: the negative branch
+    layer = PReLU(5, data_format=data_format)
     layer.weight.set_value(rng.uniform(-0.3, 0.6, 5).astype(np.float32))
     grad_out = paddle.to_tensor(rng.normal(size=x_np.shape).astype(np.float32))
     results = []
@@ -161,6 +164,8 @@ def test_numpy_prelu_equals_paddle_prelu() -> None:
         x = paddle.to_tensor(x_np, stop_gradient=False)
         y = layer(x)
         results.append([y.numpy(), *(g.numpy() for g in paddle.grad([y], [x, layer.weight], [grad_out]))])
+    slope = layer.weight.numpy().reshape((5,) if channels_last else (5, 1, 1))
+    np.testing.assert_allclose(results[0][0], np.where(x_np > 0, x_np, slope * x_np), rtol=1e-6)
     for fast, plain in zip(*results, strict=True):
         np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
 

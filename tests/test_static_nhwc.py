@@ -103,26 +103,6 @@ def test_nhwc_equals_nchw_in_float32_eval_mode(name: str) -> None:
     assert max_relative(expected, got, "grad/") < 1e-5
 
 
-def test_numpy_prelu_channels_last_equals_paddle_prelu() -> None:
-    """The NumPy PReLU's NHWC path (slopes on the last axis) equals F.prelu(data_format="NHWC"), forward and grads."""
-    rng = np.random.default_rng(0)
-    x_np = rng.normal(size=(3, 4, 4, 5)).astype(np.float32)
-    x_np[0, 0, 0, :] = 0.0  # the tie: the negative branch's gradient, as F.prelu
-    layer = PReLU(5, data_format="NHWC")
-    layer.weight.set_value(rng.uniform(-0.3, 0.6, 5).astype(np.float32))
-    grad_out = paddle.to_tensor(rng.normal(size=x_np.shape).astype(np.float32))
-    results = []
-    for numpy_path in (True, False):
-        layer.numpy_on_cpu = numpy_path
-        x = paddle.to_tensor(x_np, stop_gradient=False)
-        y = layer(x)
-        results.append([y.numpy(), *(g.numpy() for g in paddle.grad([y], [x, layer.weight], [grad_out]))])
-    slope = layer.weight.numpy()
-    np.testing.assert_allclose(results[0][0], np.where(x_np > 0, x_np, slope * x_np), rtol=1e-6)
-    for fast, plain in zip(*results, strict=True):
-        np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "data_format"), [("mbf", "NCHW"), ("r18", "NCHW"), ("r18", "NHWC")])
 def test_to_static_equals_dygraph(name: str, data_format: str, monkeypatch: pytest.MonkeyPatch) -> None:
