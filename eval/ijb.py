@@ -307,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     existing = [str(p) for p in output_paths(out_dir, args.target).values() if p.exists()]
     if existing and not args.force:
         parser.error(f"{', '.join(existing)} exists; use --force to overwrite")
-    return exit_on_user_error(lambda: run(args, out_dir))
+    return exit_on_user_error(lambda: evaluate_and_write(args, out_dir))
 
 
-def run(args: argparse.Namespace, out_dir: Path) -> int:
+def evaluate_and_write(args: argparse.Namespace, out_dir: Path) -> int:
+    """The evaluation main() asked for: embed, score, write the table, ROC and scores; print the table."""
     from deploy.embedder import load_backbone
 
     check_writable(out_dir, folder=True)
