@@ -109,10 +109,11 @@ def test_config_choices_are_what_the_modules_implement(key: str, module: str, na
     assert tuple(CHOICES[key]) == tuple(getattr(importlib.import_module(module), name)), (key, module, name)
 
 
-# Programs whose import is checked too (their main() sets what they need); the other programs still set
-# GLOG_minloglevel when imported: tools/_data.py and its four tools, and the benchmarks.
+# Programs whose import is checked too (their main() sets what they need); bench/loader.py, bench/train.py,
+# bench/synth_difficulty.py and bench/train_modes.py still set GLOG_minloglevel when imported.
 QUIET_PROGRAMS = ("tools.gallery", "tools.inference", "tools.recognize", "tools.export", "tools.make_face_demo",
-                  "tools.plot_metrics", "tools.selfcheck", "paddle_pretrainedmodel.model_test",
+                  "tools.plot_metrics", "tools.selfcheck", "tools.check_dataset", "tools.images2rec",
+                  "tools.rec2images", "tools.bin_tool", "paddle_pretrainedmodel.model_test",
                   "paddle_pretrainedmodel.convert_torch")
 
 
