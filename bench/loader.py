@@ -32,7 +32,10 @@ from types import SimpleNamespace
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-os.environ.setdefault("GLOG_minloglevel", "2")
+if __name__ == "__main__":  # a program: quiet Paddle before it is imported (importing this module sets nothing)
+    from utils.cli import start_program
+
+    start_program()
 
 import cv2
 import numpy as np

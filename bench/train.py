@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("GLOG_minloglevel", "2")
+if __name__ == "__main__":  # a program: quiet Paddle before it is imported (importing this module sets nothing)
+    from utils.cli import start_program
+
+    start_program()
 
 import numpy as np
 import paddle

@@ -25,9 +25,11 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("GLOG_minloglevel", "2")
-warnings.filterwarnings("ignore", message="No ccache found")
-warnings.filterwarnings("ignore", message="Tensor do not have 'place'")
+if __name__ == "__main__":  # a program: quiet Paddle before it is imported (importing this module sets nothing)
+    from utils.cli import start_program
+
+    start_program()
+    warnings.filterwarnings("ignore", message="Tensor do not have 'place'")  # to_static's backward builder
 
 import numpy as np
 import paddle

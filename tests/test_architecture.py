@@ -109,12 +109,12 @@ def test_config_choices_are_what_the_modules_implement(key: str, module: str, na
     assert tuple(CHOICES[key]) == tuple(getattr(importlib.import_module(module), name)), (key, module, name)
 
 
-# Programs whose import is checked too (their main() sets what they need); bench/loader.py, bench/train.py,
-# bench/synth_difficulty.py and bench/train_modes.py still set GLOG_minloglevel when imported.
+# Programs whose import is checked too (their main() sets what they need).
 QUIET_PROGRAMS = ("tools.gallery", "tools.inference", "tools.recognize", "tools.export", "tools.make_face_demo",
                   "tools.plot_metrics", "tools.selfcheck", "tools.check_dataset", "tools.images2rec",
                   "tools.rec2images", "tools.bin_tool", "paddle_pretrainedmodel.model_test",
-                  "paddle_pretrainedmodel.convert_torch")
+                  "paddle_pretrainedmodel.convert_torch", "bench.loader", "bench.train", "bench.synth_difficulty",
+                  "bench.train_modes")
 
 
 def test_importing_any_library_module_or_tool_leaves_the_environment_alone() -> None:
