@@ -55,8 +55,9 @@ def imported_units(path: Path, units: set[str]) -> dict[str, int]:
 
 
 def library_files() -> list[Path]:
-    return sorted(p for p in ROOT.rglob("*.py")
-                  if p.relative_to(ROOT).parts[0] not in (*PROGRAMS, ".venv", "work_dirs", ".cache", "docs"))
+    """The .py files of the top-level units (modules and packages), wherever the checkout's venvs and caches live."""
+    units = top_level_units() - set(PROGRAMS)
+    return sorted(p for p in ROOT.rglob("*.py") if unit_of(p) in units)
 
 
 def test_every_library_module_has_a_layer() -> None:
