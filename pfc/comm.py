@@ -22,20 +22,17 @@ class NumpyComm:
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
+        self._tensors = TensorComm(world_size)
 
     def all_gather(self, array: np.ndarray) -> np.ndarray:
         if self.world_size == 1:
             return array
-        parts: list[paddle.Tensor] = []
-        dist.all_gather(parts, paddle.to_tensor(np.ascontiguousarray(array)))
-        return np.concatenate([p.numpy() for p in parts])
+        return self._tensors.all_gather(paddle.to_tensor(np.ascontiguousarray(array))).numpy()
 
     def all_reduce(self, array: np.ndarray, op: Any = None) -> np.ndarray:
         if self.world_size == 1:
             return array
-        tensor = paddle.to_tensor(np.ascontiguousarray(array))
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
-        return tensor.numpy()
+        return self._tensors.all_reduce(paddle.to_tensor(np.ascontiguousarray(array)), op).numpy()
 
 
 class TensorComm:

@@ -9,7 +9,6 @@ whose backward returns the embedding gradient, so `loss.backward()` trains the b
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from pfc.comm import NumpyComm
 from pfc.sampling import choose_numpy
 from pfc.shards import init_centres
 from pfc.spec import EXP_FLOOR, NORM_EPS, HeadSpec
+from utils.distributed import cores_per_rank
 
 _BLOCK = 4096         # class rows per parallel task: small enough to balance 2 threads on a busy machine
 _BLAS_LIMIT = ThreadpoolController()  # BLAS runs single-threaded inside the head's own thread pool
@@ -80,9 +80,7 @@ class NumpyHead:
         self.num_updates = 0  # optimizer steps taken (AdamW bias correction)
         self._pending: _HeadGrad | None = None
         self._spare: dict[str, np.ndarray] = {}
-        # worker threads: this host's cores shared by its ranks (the launcher's PADDLE_LOCAL_SIZE)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = max(1, cores // int(os.environ.get("PADDLE_LOCAL_SIZE", "1")))
+        self.threads = cores_per_rank()  # worker threads: this host's cores shared by its ranks
         self._pool: ThreadPoolExecutor | None = None
 
     def forward(self, local_embeddings: paddle.Tensor, labels: np.ndarray, size: int,
